@@ -1,0 +1,294 @@
+"""The command line: python -m mm_lightning.cli {fit,validate,test,predict,sample,download} ...
+
+fit/validate/test/predict are LightningCLI subcommands (configs in configs/, overrides such as
+--trainer.max_steps 400 --model.lr 0.05 --data.batch_size 64). On top of plain LightningCLI:
+- `--ckpt_path last` resumes the most recently written run in its own directory, so TensorBoard curves continue
+  (plain Lightning looks for `last` in a new version folder and silently starts over: Lightning issue 18524). The
+  run's config.yaml is the base config, and settings that contradict the checkpoint are refused, not ignored.
+- a new run claims its version directory atomically: runs started together never share one;
+- checkpoints are written atomically and read with torch.load(weights_only=True);
+- bad input prints one line and exits with status 2 (add --debug for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NamesDataModule, download_names
+from mm_lightning.errors import UsageError
+from mm_lightning.model import MLP, MLPConfig, generate
+from mm_lightning.module import MakemoreModule, NonFiniteLossError
+from mm_lightning.progress import StepProgressBar
+from mm_lightning.runs import (
+    RUNS_DIRNAME,
+    RunCheckpoint,
+    SafeCheckpointIO,
+    claim_version,
+    find_last,
+    load_checkpoint,
+    remove_partial_writes,
+    runs_dir,
+    version_of,
+)
+
+TRAINER_DEFAULTS = {
+    "max_steps": 200_000,  # the lecture's run length
+    "log_every_n_steps": 50,  # train/loss is the mean loss over this many steps
+    "use_distributed_sampler": False,  # the DataModule draws minibatches and shards eval splits per rank itself
+}
+CHECKPOINT_DEFAULTS = {
+    "checkpoint.monitor": "val/loss",  # keep the best by validation loss ...
+    "checkpoint.mode": "min",
+    "checkpoint.save_top_k": 1,
+    "checkpoint.save_last": True,  # ... and the last, at every epoch end (--data.steps_per_epoch) and at the end
+    "checkpoint.filename": "best-step={step}-val_loss={val/loss:.4f}",
+    "checkpoint.auto_insert_metric_name": False,
+}
+VERSION_ENV = "MM_LIGHTNING_RUN_VERSION"  # rank 0's run version, inherited by the DDP processes it launches
+
+
+def _is_rank_zero() -> bool:
+    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+
+
+@dataclass
+class Resume:
+    checkpoint: Path
+    version: int | None  # the run directory version_N the checkpoint belongs to, if it is in one
+    global_step: int
+    vocab: str
+
+
+class MakemoreCLI(LightningCLI):
+    def __init__(self, args: list[str], run: bool = True):
+        self._argv = list(args)
+        self.resume: Resume | None = None
+        super().__init__(
+            MakemoreModule,
+            NamesDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
+            load_from_checkpoint_support=False,  # no class paths in checkpoints: they could choose code to run
+            auto_configure_optimizers=False,  # the module's SGD + step decay, configured under --model
+            args=self._argv,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.block_size", "model.net.block_size")
+        parser.link_arguments("data.vocab", "model.net.vocab", apply_on="instantiate")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults(CHECKPOINT_DEFAULTS)
+
+    # ------------------------------------------------------------------------------------------------- resume
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None and self.config[subcommand].get("weights_only") is False:
+            raise UsageError("--weights_only false is refused: checkpoints are only loaded with weights_only=True")
+        if subcommand is None or not self.config[subcommand].get("ckpt_path"):
+            return
+        config = self.config[subcommand]
+        runs = runs_dir(config.trainer.default_root_dir)
+        path = find_last(runs) if config.ckpt_path == "last" else Path(config.ckpt_path)
+        checkpoint = load_checkpoint(path)
+        version = version_of(path, runs)
+        run_config = path.parent.parent / "config.yaml"
+        if version is not None and run_config.is_file() and not any(a.split("=")[0] == "--config" for a in args):
+            # the run's own config is the base, so `fit --ckpt_path last` continues it as it was configured
+            super().parse_arguments(parser, [args[0], "--config", str(run_config), *args[1:]])
+            config = self.config[subcommand]
+        config.ckpt_path = str(path)
+        hparams = checkpoint["hyper_parameters"]
+        _refuse_changed_model(hparams, config.model.as_dict(), path)
+        self.resume = Resume(path, version, int(checkpoint.get("global_step", 0)), hparams["net"]["vocab"])
+        if _is_rank_zero():
+            written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+            where = f"run {path.parent.parent}" if version is not None else "checkpoint"
+            print(f"{subcommand}: {where} at step {self.resume.global_step} ({path.name}, written {written})")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version lays the checkpoint's hyperparameters over the command line without a word; ours
+        (in parse_arguments) refuses a mismatch instead."""
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand != "fit":
+            self.save_config_callback = None  # evaluating must not overwrite the run's training config.yaml
+
+    def after_instantiate_classes(self) -> None:
+        if self.resume is not None and self.datamodule.vocab != self.resume.vocab:
+            raise UsageError(
+                f"{self.resume.checkpoint} was trained on a {len(self.resume.vocab)}-character vocabulary but "
+                f"{self.datamodule.path} gives {len(self.datamodule.vocab)}; use the run's --data.path"
+            )
+        if self.resume is not None and self.resume.version is not None and self.subcommand == "fit":
+            remove_partial_writes(self.resume.checkpoint.parent)
+
+    # ------------------------------------------------------------------------------------------------ trainer
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = self._run_logger(trainer.get("default_root_dir"))
+        plugins = trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
+        if trainer.get("enable_progress_bar") is not False:
+            callbacks = trainer.get("callbacks") or []
+            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _run_logger(self, root_dir) -> TensorBoardLogger | bool:
+        """TensorBoard in the run's directory: a freshly claimed one, or the resumed run's own."""
+        runs = runs_dir(root_dir)
+        extra = {}
+        if self.resume is not None and self.resume.version is not None:
+            version = self.resume.version
+            if self.subcommand == "fit":  # TensorBoard drops what the killed run logged after this step
+                extra["purge_step"] = self.resume.global_step
+        elif self.subcommand == "fit":
+            version = claim_version(runs) if _is_rank_zero() else int(os.environ.get(VERSION_ENV, -1))
+            if version < 0:  # a rank started by torchrun: it writes no logs, rank 0 broadcasts the checkpoint dir
+                return False
+        else:
+            return False  # evaluating a checkpoint from outside a run: results are printed only
+        os.environ[VERSION_ENV] = str(version)
+        return TensorBoardLogger(
+            save_dir=runs.parent, name=RUNS_DIRNAME, version=version, default_hp_metric=False, **extra
+        )
+
+    def after_predict(self) -> None:
+        for batch in self.trainer.predict_loop.predictions or []:
+            for name in batch:
+                print(name)
+
+
+def _refuse_changed_model(hparams: dict, given: dict, path: Path) -> None:
+    """A resumed run keeps its model and optimizer: the checkpoint's state would silently win over new values."""
+    expected = {f"net.{k}": v for k, v in hparams["net"].items() if k != "vocab"}
+    expected.update({k: v for k, v in hparams.items() if k != "net"})
+    flat = {f"net.{k}": v for k, v in (given.get("net") or {}).items()}
+    flat.update({k: v for k, v in given.items() if k != "net"})
+    for key, want in expected.items():
+        got = flat.get(key, want)
+        same = math.isclose(got, want, rel_tol=1e-12) if isinstance(want, float) else list_or(got) == list_or(want)
+        if not same:
+            raise UsageError(
+                f"{path} was trained with model.{key}={want!r} but this command gives {got!r}; a resumed run keeps its "
+                "model and optimizer settings: drop the override, or start a new run without --ckpt_path"
+            )
+
+
+def list_or(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+# -------------------------------------------------------------------------------------------- other commands
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `python -m mm_lightning.cli {self.prog.split()[-1]} --help`")
+
+
+def sample_command(args: list[str]) -> None:
+    parser = _Parser(prog="mm_lightning.cli sample", description="Print names sampled from a checkpoint.")
+    parser.add_argument("--ckpt_path", default="last", help="a .ckpt file, or 'last': the newest run's last.ckpt")
+    parser.add_argument("--root_dir", default=".", help="where lightning_logs/ is (fit's --trainer.default_root_dir)")
+    parser.add_argument("-n", "--num_samples", type=int, default=20, help="how many names")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; lower is safer)")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed")
+    a = parser.parse_args(args)
+    if a.num_samples < 1:
+        raise UsageError(f"--num_samples must be at least 1, got {a.num_samples}")
+    if not a.temperature > 0:
+        raise UsageError(f"--temperature must be positive, got {a.temperature}; 1.0 samples the model as trained")
+    path = find_last(runs_dir(a.root_dir)) if a.ckpt_path == "last" else Path(a.ckpt_path)
+    checkpoint = load_checkpoint(path)
+    net = MLP(MLPConfig(**checkpoint["hyper_parameters"]["net"]))
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise UsageError(f"{path}: weights do not match its own hyperparameters ({str(e).splitlines()[0]})") from None
+    for name in generate(net, a.num_samples, a.temperature, torch.Generator().manual_seed(a.seed)):
+        print(name)
+
+
+def download_command(args: list[str]) -> None:
+    parser = _Parser(prog="mm_lightning.cli download", description="Fetch makemore's names.txt (sha256-checked).")
+    parser.add_argument("--path", default=DEFAULT_PATH, help="where to write it")
+    path = Path(parser.parse_args(args).path)
+    if path.exists():
+        print(f"{path} already exists; delete it to download again")
+        return
+    download_names(path)
+    print(f"wrote {path} (sha256 {NAMES_SHA256[:12]}...)")
+
+
+COMMANDS = {"sample": sample_command, "download": download_command}
+USAGE = """usage: python -m mm_lightning.cli COMMAND [options]   (or: mm-lightning COMMAND [options])
+
+  fit        train; --config configs/X.yaml, overrides like --trainer.max_steps 400 --model.lr 0.05;
+             --ckpt_path last continues the most recent run in its own directory
+  validate   val/loss of a checkpoint        (--ckpt_path last | FILE)
+  test       test/loss of a checkpoint       (--ckpt_path last | FILE)
+  predict    names generated through Lightning (--ckpt_path ..., --data.num_samples N)
+  sample     names from a checkpoint, quickly (--num_samples 20 --temperature 1.0 --seed 42)
+  download   fetch makemore's names.txt into data/ (sha256-checked)
+
+Every command takes --help; --debug shows the traceback of an error."""
+
+
+def _quiet_noise() -> None:
+    """Silence messages that say nothing about this run."""
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")  # we pass argv on purpose
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # a deprecation inside Lightning itself
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_noise()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("MM_LIGHTNING_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    try:
+        if argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+        else:
+            MakemoreCLI(argv)
+        return 0
+    except (UsageError, MisconfigurationException) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        if debug:
+            raise
+        print(f"error: training stopped: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Names data: reading and checking the file, the vocabulary, the lecture's context windows and 80/10/10 split,
+and the DataModule that serves training minibatches and whole-split evaluation batches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+import unicodedata
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from mm_lightning.errors import UsageError
+
+BOUNDARY = "."  # token 0: pads the context before a word and marks its end
+DEFAULT_PATH = "data/names.txt"
+NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
+NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+MAX_WORD_LENGTH = 1000  # longer lines are not words: the file is probably not one-word-per-line
+
+
+# ---------------------------------------------------------------------------------------------- the file
+
+
+def download_names(path: Path, url: str | None = None, timeout: float = 30.0) -> None:
+    """Fetch makemore's names.txt, check its sha256 and write it atomically (a temp file, then a rename)."""
+    url = url or NAMES_URL
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            payload = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UsageError(
+            f"{path} is missing and downloading {url} failed ({reason}); "
+            f"copy names.txt to {path} or pass --data.path FILE"
+        ) from None
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != NAMES_SHA256:
+        raise UsageError(
+            f"the file downloaded from {url} has sha256 {digest[:12]}..., not {NAMES_SHA256[:12]}...; "
+            f"nothing was written; copy names.txt to {path} yourself"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_words(path: str | os.PathLike) -> list[str]:
+    """The words of a one-word-per-line UTF-8 file.
+
+    Normalisation (documented in the README): any line break (LF, CRLF, CR) ends a line; a leading BOM is dropped;
+    surrounding whitespace is stripped; blank lines are skipped; each word is put in Unicode NFC form. Case and
+    non-ASCII letters are kept: they simply become characters of the vocabulary. Anything else is refused with a
+    message naming the line.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"data file {path} does not exist; pass --data.path FILE (one word per line)") from None
+    except OSError as e:
+        raise UsageError(f"cannot read data file {path} ({e.strerror}); pass --data.path FILE") from None
+    if b"\x00" in raw:
+        raise UsageError(f"{path} looks binary (it contains NUL bytes); --data.path needs a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None
+    words = []
+    for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+        word = unicodedata.normalize("NFC", line.strip())
+        if not word:
+            continue
+        where = f"{path}:{lineno}"
+        if BOUNDARY in word:
+            raise UsageError(f"{where}: {word[:40]!r} contains {BOUNDARY!r}, the boundary token; remove it")
+        if len(word) > MAX_WORD_LENGTH:
+            raise UsageError(
+                f"{where}: a line of {len(word)} characters (limit {MAX_WORD_LENGTH}); "
+                "the file must hold one word per line"
+            )
+        bad = next((c for c in word if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise UsageError(f"{where}: control character U+{ord(bad):04X} inside a word; remove it")
+        words.append(word)
+    if not words:
+        raise UsageError(f"{path} holds no words (it is empty or blank); pass --data.path FILE with one word per line")
+    return words
+
+
+# ------------------------------------------------------------------------------------- vocabulary, windows, split
+
+
+def build_vocab(words: list[str]) -> str:
+    """The boundary token at index 0, then the file's characters in sorted order (27 for names.txt)."""
+    return BOUNDARY + "".join(sorted(set("".join(words))))
+
+
+def build_windows(words: list[str], vocab: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (context, next character) pair of every word, contexts padded with the boundary token.
+
+    Exactly the lecture's build_dataset: 'emma' with block_size 3 gives ... -> e, ..e -> m, .em -> m, emm -> a,
+    mma -> '.'.
+    """
+    stoi = {c: i for i, c in enumerate(vocab)}
+    xs, ys = [], []
+    for word in words:
+        context = [0] * block_size
+        for ch in word + BOUNDARY:
+            ix = stoi[ch]
+            xs.append(context)
+            ys.append(ix)
+            context = context[1:] + [ix]
+    return torch.tensor(xs, dtype=torch.long).view(-1, block_size), torch.tensor(ys, dtype=torch.long)
+
+
+def split_words(words: list[str], seed: int = 42) -> dict[str, list[str]]:
+    """The lecture's split: random.seed(42); random.shuffle(words); cut at 80% and 90%."""
+    words = list(words)
+    random.Random(seed).shuffle(words)  # the same permutation as random.seed(seed); random.shuffle(words)
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    splits = {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
+    if not all(splits.values()):
+        raise UsageError(
+            f"only {len(words)} words: the 80/10/10 split needs at least 10 so that train, val and test are non-empty"
+        )
+    return splits
+
+
+# --------------------------------------------------------------------------------------------- training batches
+
+
+def _stream_seed(seed: int, rank: int, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{rank}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class StepSampler:
+    """Minibatch indices for optimizer step s, a pure function of (seed, rank, s).
+
+    Like the lecture's torch.randint(0, n, (batch_size,), generator=g), but the generator is re-seeded every
+    BLOCK steps from (seed, rank, block). So resuming at any step, or grouping steps into batches differently,
+    draws exactly the same minibatches, and each DDP rank draws its own.
+    """
+
+    BLOCK = 100  # steps drawn from one seeding of the generator
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0):
+        self.num_examples, self.batch_size, self.seed, self.rank = num_examples, batch_size, seed, rank
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def _block(self, block: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != block:
+            g = torch.Generator().manual_seed(_stream_seed(self.seed, self.rank, block))
+            ix = torch.randint(0, self.num_examples, (self.BLOCK, self.batch_size), generator=g)
+            self._cached = (block, ix)
+        return self._cached[1]
+
+    def indices(self, start: int, stop: int) -> torch.Tensor:
+        """(stop - start, batch_size) example indices for steps start .. stop-1."""
+        parts, step = [], start
+        while step < stop:
+            block, offset = divmod(step, self.BLOCK)
+            take = min(stop - step, self.BLOCK - offset)
+            parts.append(self._block(block)[offset : offset + take])
+            step += take
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def next_boundary(step: int, stop: int, periods: list[int]) -> int:
+    """The first step after `step` that is a multiple of any period, capped at stop."""
+    return min([stop] + [(step // p + 1) * p for p in periods if p > 0])
+
+
+class TrainStream(IterableDataset):
+    """One epoch of training minibatches, grouped into chunks of consecutive optimizer steps.
+
+    A chunk {'x': (k, B, T), 'y': (k, B), 'step': s} holds steps s .. s+k-1. Chunks end at multiples of every
+    period (steps_per_batch, the callbacks' every_n_steps, ...), so a step a callback samples is always the first
+    of its chunk. The epoch starts at the trainer's current global step (read when Lightning starts iterating,
+    after a checkpoint is restored) and ends at the next multiple of steps_per_epoch, or at max_steps.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        sampler: StepSampler,
+        start_step: Callable[[], int],
+        steps_per_epoch: int,
+        max_steps: int,
+        periods: list[int],
+    ):
+        super().__init__()
+        self.x, self.y, self.sampler, self.start_step = x, y, sampler, start_step
+        self.steps_per_epoch, self.max_steps, self.periods = steps_per_epoch, max_steps, periods
+
+    def epoch_bounds(self) -> tuple[int, int]:
+        start = self.start_step()
+        stop = (start // self.steps_per_epoch + 1) * self.steps_per_epoch
+        if self.max_steps >= 0:
+            stop = min(stop, self.max_steps)
+        return start, stop
+
+    def __iter__(self) -> Iterator[dict]:
+        step, stop = self.epoch_bounds()
+        while step < stop:
+            end = next_boundary(step, stop, self.periods)
+            ix = self.sampler.indices(step, end)
+            yield {"x": self.x[ix], "y": self.y[ix], "step": step}
+            step = end
+
+
+class EvalBatches(IterableDataset):
+    """This rank's contiguous shard of a split in batches of at most batch_size, without padding or repeats (so
+    the loss averaged over ranks is exactly the loss of the whole split)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        n = len(y)
+        self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(self.lo, self.hi, self.batch_size):
+            j = min(i + self.batch_size, self.hi)
+            yield self.x[i:j], self.y[i:j]
+
+
+# ------------------------------------------------------------------------------------------------ DataModule
+
+
+class NamesDataModule(L.LightningDataModule):
+    """The names dataset as the lecture builds it, served for fast training and exact evaluation."""
+
+    def __init__(
+        self,
+        path: str = DEFAULT_PATH,
+        block_size: int = 3,
+        batch_size: int = 32,
+        steps_per_epoch: int = 10_000,
+        steps_per_batch: int = 100,
+        eval_batch_size: int = 32_768,
+        seed: int = 2147483647,
+        split_seed: int = 42,
+        num_samples: int = 20,
+    ):
+        """
+        Args:
+            path: one word per line, UTF-8. The default data/names.txt is downloaded (sha256-checked) if absent.
+            block_size: characters of context the model sees to predict the next one.
+            batch_size: examples per optimizer step, drawn at random with replacement (the lecture's 32).
+            steps_per_epoch: optimizer steps per epoch; every epoch ends with validation and a checkpoint.
+            steps_per_batch: optimizer steps per Lightning batch, to amortise Lightning's per-batch cost. Batches
+                are cut so that validation, checkpoints and sampled diagnostics steps stay exact; results do not
+                depend on it.
+            eval_batch_size: examples per batch when evaluating a whole split (the default takes val in one go).
+            seed: seed of the minibatch stream (the model's init is seeded by seed_everything).
+            split_seed: random.seed for shuffling the words before the 80/10/10 cut (the lecture's 42).
+            num_samples: names that `predict` generates.
+        """
+        super().__init__()
+        for name, value in [
+            ("block_size", block_size),
+            ("batch_size", batch_size),
+            ("steps_per_epoch", steps_per_epoch),
+            ("steps_per_batch", steps_per_batch),
+            ("eval_batch_size", eval_batch_size),
+            ("num_samples", num_samples),
+        ]:
+            if value < 1:
+                raise UsageError(f"--data.{name} must be at least 1, got {value}")
+        self.save_hyperparameters()
+        self.path = Path(path)
+        if not self.path.exists() and path == DEFAULT_PATH:
+            download_names(self.path)
+        self.words = read_words(self.path)
+        # known at construction, so LightningCLI can link it into the model before either is built
+        self.vocab = build_vocab(self.words)
+        self.block_size, self.batch_size = block_size, batch_size
+        self.steps_per_epoch, self.steps_per_batch = steps_per_epoch, steps_per_batch
+        self.eval_batch_size, self.seed, self.split_seed = eval_batch_size, seed, split_seed
+        self.num_samples = num_samples
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            for name, words in split_words(self.words, self.split_seed).items():
+                self.splits[name] = build_windows(words, self.vocab, self.block_size)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Examples per split after setup(): {'train': 182625, 'val': 22655, 'test': 22866} for names.txt."""
+        return {name: len(y) for name, (_, y) in self.splits.items()}
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _periods(self) -> list[int]:
+        """Steps at which a batch must start: ours, and every callback's `every_n_steps` (e.g. diagnostics)."""
+        periods = [self.steps_per_batch, self.steps_per_epoch]
+        for cb in self.trainer.callbacks if self.trainer is not None else []:
+            every = getattr(cb, "every_n_steps", None)
+            if isinstance(every, int) and every > 0:
+                periods.append(every)
+        return periods
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = self.splits["train"]
+        rank, _ = self._rank()
+        trainer = self.trainer
+        stream = TrainStream(
+            x,
+            y,
+            StepSampler(len(y), self.batch_size, self.seed, rank),
+            start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+            steps_per_epoch=self.steps_per_epoch,
+            max_steps=trainer.max_steps if trainer is not None else -1,
+            periods=self._periods(),
+        )
+        return DataLoader(stream, batch_size=None, pin_memory=self._on_cuda())
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        x, y = self.splits[split]
+        rank, world_size = self._rank()
+        return DataLoader(EvalBatches(x, y, self.eval_batch_size, rank, world_size), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """One batch of sample numbers: predict generates that many names (seeded by --data.seed)."""
+        return DataLoader([torch.arange(self.num_samples) + self.seed], batch_size=None)
+
+    def _on_cuda(self) -> bool:
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"

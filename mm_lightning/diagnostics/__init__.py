@@ -1,0 +1,1 @@
+"""Training diagnostics: pure statistics, the callback that logs them, figures and health verdicts."""

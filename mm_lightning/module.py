@@ -1,0 +1,260 @@
+"""The LightningModule: SGD with a step learning-rate decay, several optimizer steps per Lightning batch.
+
+Lightning costs a fixed few hundred microseconds per batch, more than a whole step of this tiny model. So the
+module uses manual optimization and runs a chunk of consecutive optimizer steps per batch (see data.TrainStream):
+trainer.global_step still counts optimizer steps, the LR schedule is stepped every step, and metrics are logged
+with explicit global steps, so every curve and cadence is the same as with one step per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.overrides.distributed import prepare_for_backward
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import MeanMetric
+
+from mm_lightning.diagnostics.stats import first_nonfinite_module
+from mm_lightning.errors import UsageError
+from mm_lightning.model import MLP, MLPConfig, generate
+
+# Lightning callbacks that run inside every optimizer step when it is driven through Lightning's wrappers
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def needs_lightning_step(trainer: L.Trainer, module: L.LightningModule) -> bool:
+    """Whether each optimizer step must go through Lightning's manual_backward / LightningOptimizer.step.
+
+    They call every callback's per-step hooks inside profiler contexts, ~150 us a step, which is a quarter of a
+    whole step of this model on a CPU. They are needed only when a callback or the module overrides those hooks,
+    or when the precision plugin scales gradients, or for strategies other than single-device and DDP.
+    """
+    overridden = [
+        h
+        for obj, base in [*((cb, Callback) for cb in trainer.callbacks), (module, L.LightningModule)]
+        for h in STEP_HOOKS
+        if getattr(type(obj), h) is not getattr(base, h)
+    ]
+    precision = trainer.precision_plugin
+    plain_precision = type(precision) is Precision or (type(precision) is MixedPrecision and precision.scaler is None)
+    return bool(overridden) or not plain_precision or type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy)
+
+
+# Below this many multiply-adds in the widest layer of a step, one CPU thread beats several (each op is too small
+# to split): measured 1.27x faster at batch 32 x width 100; two threads win from about batch 2048 x width 100.
+SINGLE_THREAD_WORK = 2_500_000
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss; the message names the step and the first non-finite layer."""
+
+
+class MakemoreModule(L.LightningModule):
+    """Trains the makemore MLP on next-character prediction."""
+
+    def __init__(
+        self,
+        net: MLPConfig = MLPConfig(),
+        lr: float = 0.1,
+        milestones: list[int] = [150_000],
+        lr_decay: float = 0.1,
+    ):
+        """
+        Args:
+            net: the network (see MLPConfig).
+            lr: SGD learning rate before the first milestone.
+            milestones: optimizer steps at which the learning rate is multiplied by lr_decay.
+            lr_decay: factor applied at each milestone (0.1 -> 0.01 as in the lecture).
+        """
+        super().__init__()
+        if not lr > 0:
+            raise UsageError(f"--model.lr must be positive, got {lr}")
+        if any(m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
+            raise UsageError(f"--model.milestones must be positive and strictly increasing, got {list(milestones)}")
+        if not 0 < lr_decay <= 1:
+            raise UsageError(f"--model.lr_decay must be in (0, 1], got {lr_decay}")
+        # plain values only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay})
+        self.automatic_optimization = False
+        self.net = MLP(net)
+        self.num_classes = net.vocab_size  # diagnostics compare the loss at step 0 with ln(num_classes)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self._loss_window: list[float] = []  # losses since train/loss was last logged
+        self._last_val_loss: float | None = None
+        self._optimizer_step = self._lightning_step  # chosen at train start, see needs_lightning_step
+        self._grad_params: list[torch.Tensor] = []
+        self._ddp_model: DistributedDataParallel | None = None
+        self._threads: tuple[int, int] | None = None  # (threads for training steps, threads to restore)
+
+    @property
+    def vocab(self) -> str:
+        return self.net.config.vocab
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.hparams.milestones, self.hparams.lr_decay)
+        return [optimizer], [schedule]
+
+    # ----------------------------------------------------------------------------------------------- training
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        xs, ys, first_step = batch["x"], batch["y"], int(batch["step"])
+        if first_step != self.global_step:  # the stream and the trainer must agree, or resume is not exact
+            raise RuntimeError(f"batch starts at step {first_step} but the trainer is at step {self.global_step}")
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        values, first_loss = [], None
+        for x, y in zip(xs, ys):
+            loss = F.cross_entropy(self.net(x), y)
+            value = loss.item()  # free on a CPU; on a GPU this is one sync per step
+            if not math.isfinite(value):  # checked before the update, while the parameters that produced it exist
+                self._stop_non_finite(value, x)
+            self._optimizer_step(optimizer, loss)
+            schedule.step()
+            values.append(value)
+            first_loss = loss.detach() if first_loss is None else first_loss
+        self._log_losses(first_step, values)
+        return {"loss": first_loss}  # the loss of the chunk's first step, the one callbacks sample
+
+    def _lightning_step(self, optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+
+    def _direct_step(self, optimizer, loss: torch.Tensor) -> None:
+        """What _lightning_step does, minus the per-step callback hooks: same updates, same step counting."""
+        for p in self._grad_params:  # zero_grad(set_to_none=True) without its ~70 us of profiler scope
+            p.grad = None
+        if self._ddp_model is not None:
+            prepare_for_backward(self._ddp_model, loss)  # re-arm DDP's gradient all-reduce, as Lightning does
+        loss.backward()
+        optimizer._on_before_step()  # the manual-optimization loop's own step counter (trainer.global_step)
+        optimizer.optimizer.step()
+        optimizer._on_after_step()
+
+    def _stop_non_finite(self, loss: float, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            where = first_nonfinite_module(self.net, x)
+        raise NonFiniteLossError(
+            f"the loss became {loss} at step {self.global_step}"
+            + (f"; the first non-finite output is {where}" if where else "")
+            + "; lower --model.lr or check the init; checkpoints written so far are intact"
+        )
+
+    def _log_losses(self, first_step: int, values: list[float]) -> None:
+        """Log train/loss (mean over the last log_every_n_steps steps) and train/lr at multiples of that cadence."""
+        every = max(1, self.trainer.log_every_n_steps)
+        for i, value in enumerate(values):
+            step = first_step + i
+            self._loss_window.append(value)
+            if step % every == 0:
+                mean = math.fsum(self._loss_window) / len(self._loss_window)
+                self._loss_window.clear()
+                self._log_to_loggers({"train/loss": mean, "train/lr": self._lr_at(step)}, step)
+                self.log("train/loss", mean, prog_bar=True, logger=False)
+
+    def _lr_at(self, step: int) -> float:
+        passed = sum(step >= m for m in self.hparams.milestones)
+        return self.hparams.lr * self.hparams.lr_decay**passed
+
+    def _log_to_loggers(self, metrics: dict[str, float], step: int) -> None:
+        if self.trainer.sanity_checking:
+            return
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ---------------------------------------------------------------------------------------- checkpoint extras
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # plain floats: an exact resume logs exactly the train/loss points an uninterrupted run would
+        checkpoint["loss_window"] = list(self._loss_window)
+        checkpoint["last_val_loss"] = self._last_val_loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._loss_window = list(checkpoint.get("loss_window", []))
+        self._last_val_loss = checkpoint.get("last_val_loss")
+
+    def on_train_start(self) -> None:
+        slow = needs_lightning_step(self.trainer, self)
+        self._optimizer_step = self._lightning_step if slow else self._direct_step
+        self._grad_params = [p for group in self.optimizers().param_groups for p in group["params"]]
+        model = self.trainer.strategy.model
+        self._ddp_model = model if isinstance(model, DistributedDataParallel) else None
+        self._pick_cpu_threads()
+        # a resumed run's TensorBoard purges everything from the checkpoint's step on (what a killed run logged
+        # after it): put back the validation loss that was measured at that very step
+        if self.global_step > 0 and self._last_val_loss is not None:
+            self._log_to_loggers({"val/loss": self._last_val_loss}, self.global_step)
+
+    # ---------------------------------------------------------------------------------------------- threads
+
+    def _pick_cpu_threads(self) -> None:
+        """One thread for training steps whose matmuls are too small to split (unless OMP_NUM_THREADS is set)."""
+        if self.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() == 1:
+            return
+        c = self.net.config
+        batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
+        width = max(c.n_embd * c.block_size, c.n_hidden if c.n_layers else c.vocab_size)
+        if batch is not None and batch * width * width < SINGLE_THREAD_WORK:
+            self._threads = (1, torch.get_num_threads())
+            torch.set_num_threads(1)
+
+    def _restore_threads(self) -> None:
+        if self._threads is not None:
+            torch.set_num_threads(self._threads[1])
+
+    def on_validation_start(self) -> None:
+        self._restore_threads()  # evaluating a whole split is large matmuls: all threads
+
+    def on_validation_end(self) -> None:
+        if self._threads is not None:  # set between train start and end only: back to training
+            torch.set_num_threads(self._threads[0])
+
+    def on_train_end(self) -> None:
+        self._restore_threads()
+        self._threads = None
+
+    # --------------------------------------------------------------------------------------------- evaluation
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.val_loss.update(F.cross_entropy(self.net(x), y), weight=y.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.val_loss.compute()  # weighted mean over the whole split, all ranks
+        self.val_loss.reset()
+        self.log("val/loss", value, prog_bar=True, logger=False)  # for ModelCheckpoint and the progress bar
+        if not self.trainer.sanity_checking:
+            self._last_val_loss = value.item()
+            self._log_to_loggers({"val/loss": self._last_val_loss}, self.global_step)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.test_loss.update(F.cross_entropy(self.net(x), y), weight=y.numel())
+
+    def on_test_epoch_end(self) -> None:
+        value = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log("test/loss", value)
+        self._log_to_loggers({"test/loss": value.item()}, self.global_step)
+
+    # ----------------------------------------------------------------------------------------------- sampling
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[str]:
+        """Names for a batch of sample numbers (see NamesDataModule.predict_dataloader)."""
+        return self.sample(len(batch), seed=int(batch[0]))
+
+    def sample(self, num_samples: int, temperature: float = 1.0, seed: int = 42) -> list[str]:
+        """Names from the model, seeded (the same seed gives the same names on the same kind of device)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return generate(self.net, num_samples, temperature, generator)

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real names.txt, a temp project directory, and running the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# CI and developers keep the dataset beside the checkout (../shared/data/names.txt); never in the repository
+NAMES = Path(os.environ.get("MM_LIGHTNING_NAMES", ROOT.parent / "shared" / "data" / "names.txt"))
+
+# a small, fast network for CLI tests (the default one is tested on its own)
+SMALL = ["--model.net.n_hidden", "16", "--model.net.n_layers", "2", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="session")
+def names_file() -> Path:
+    if not NAMES.is_file():
+        pytest.fail(f"names.txt not found at {NAMES}; set MM_LIGHTNING_NAMES or put it in ../shared/data/")
+    return NAMES
+
+
+@pytest.fixture
+def project(tmp_path: Path, names_file: Path) -> Path:
+    """A directory laid out as a user's checkout: data/names.txt present, runs go to lightning_logs/."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(names_file, tmp_path / "data" / "names.txt")
+    return tmp_path
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """python -m mm_lightning.cli ARGS in cwd, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MM_LIGHTNING_RUN_VERSION", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mm_lightning.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a run directory, read back with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -1,0 +1,96 @@
+"""The foundation through the real CLI, as a new user runs it: fit, TensorBoard events, restart, sample."""
+
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import SMALL, run_cli, scalars
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, names_file):
+    """fit 200 steps of the default model, then `fit --ckpt_path last` to 400, in a fresh project directory."""
+    project = tmp_path_factory.mktemp("project")
+    (project / "data").mkdir()
+    shutil.copy(names_file, project / "data" / "names.txt")
+    root = project / "out"
+    first = run_cli(["fit", "--trainer.max_steps", "200", "--trainer.default_root_dir", str(root)], cwd=project)
+    run_dir = root / "lightning_logs" / "version_0"
+    after_first = scalars(run_dir)
+    first_ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    second = run_cli(
+        ["fit", "--ckpt_path", "last", "--trainer.max_steps", "400", "--trainer.default_root_dir", str(root)],
+        cwd=project,
+    )
+    return {
+        "project": project,
+        "root": root,
+        "run_dir": run_dir,
+        "first": first,
+        "second": second,
+        "after_first": after_first,
+        "first_ckpt": first_ckpt,
+    }
+
+
+def test_fit_writes_tensorboard_events_and_checkpoints(trained):
+    run_dir, tags = trained["run_dir"], trained["after_first"]
+    assert [s for s, _ in tags["train/loss"]] == [0, 50, 100, 150]
+    assert abs(tags["train/loss"][0][1] - 3.2958) < 0.1  # the loss at step 0 is ln(27)
+    assert [s for s, _ in tags["val/loss"]] == [200]
+    assert tags["train/lr"][0][1] == pytest.approx(0.1)
+    ckpt = trained["first_ckpt"]  # loads with weights_only=True: plain values only
+    assert ckpt["global_step"] == 200
+    assert ckpt["hyper_parameters"]["net"]["vocab"] == ".abcdefghijklmnopqrstuvwxyz"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "hparams.yaml").is_file()
+    assert "step 200/200" in trained["first"].stderr  # the progress line
+
+
+def test_restart_continues_the_same_run_directory(trained):
+    root, run_dir = trained["root"], trained["run_dir"]
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]  # no new version
+    assert f"run {run_dir} at step 200" in trained["second"].stdout
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 400
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 400  # the schedule continued too
+    tags = scalars(run_dir)
+    steps = [s for s, _ in tags["train/loss"]]
+    assert steps == [0, 50, 100, 150, 200, 250, 300, 350]  # one curve, continued, nothing twice
+    assert [s for s, _ in tags["val/loss"]] == [200, 400]
+    best = list((run_dir / "checkpoints").glob("best-step=*.ckpt"))
+    assert len(best) == 1 and "step=400" in best[0].name  # val/loss improved: the best moved on
+
+
+def test_sample_predict_and_test_from_the_checkpoint(trained):
+    project, root = trained["project"], str(trained["root"])
+    out = run_cli(["sample", "--root_dir", root, "--num_samples", "7", "--seed", "1"], cwd=project).stdout.split()
+    assert len(out) == 7 and all(w.isalpha() and w.islower() for w in out)
+    again = run_cli(["sample", "--root_dir", root, "--num_samples", "7", "--seed", "1"], cwd=project).stdout.split()
+    assert again == out  # seeded
+    predicted = run_cli(
+        ["predict", "--ckpt_path", "last", "--trainer.default_root_dir", root, "--data.num_samples", "4"], cwd=project
+    ).stdout.split("\n")
+    assert len([w for w in predicted if w.isalpha()]) >= 4
+    tested = run_cli(["test", "--ckpt_path", "last", "--trainer.default_root_dir", root], cwd=project)
+    assert "test/loss" in tested.stdout
+    assert sorted(p.name for p in (trained["root"] / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_resume_with_nothing_to_resume_fails_without_training(project):
+    proc = run_cli(
+        ["fit", "--ckpt_path", "last", "--trainer.default_root_dir", "runs", *SMALL], cwd=project, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no checkpoint to resume")
+    assert "Traceback" not in proc.stderr
+    assert not (project / "runs" / "lightning_logs").exists() or not any(
+        (project / "runs" / "lightning_logs").iterdir()
+    )
+
+
+def test_module_entry_point_and_console_script_agree(project):
+    help_text = run_cli(["--help"], cwd=project).stdout
+    for sub in ("fit", "validate", "test", "predict", "sample", "download"):
+        assert sub in help_text
+    assert shutil.which("mm-lightning") is not None

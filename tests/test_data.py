@@ -1,0 +1,120 @@
+"""The names data: vocabulary, windows, the lecture's split, the step-indexed minibatch stream, eval shards."""
+
+import pytest
+import torch
+
+from mm_lightning.data import (
+    EvalBatches,
+    NamesDataModule,
+    StepSampler,
+    TrainStream,
+    build_vocab,
+    build_windows,
+    next_boundary,
+    read_words,
+    split_words,
+)
+
+
+def test_names_split_sizes_vocab_and_first_windows(names_file):
+    dm = NamesDataModule(path=str(names_file))
+    assert dm.vocab == ".abcdefghijklmnopqrstuvwxyz" and dm.vocab_size == 27  # known before setup()
+    dm.setup()
+    assert dm.split_sizes == {"train": 182625, "val": 22655, "test": 22866}  # the lecture's numbers
+    assert len(dm.words) == 32033
+
+
+def test_windows_are_the_lectures(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("emma\nava\n")
+    words = read_words(path)
+    vocab = build_vocab(words)
+    assert vocab == ".aemv"
+    x, y = build_windows(["emma"], vocab, block_size=3)
+    decode = lambda row: "".join(vocab[i] for i in row)  # noqa: E731
+    assert [decode(r) for r in x.tolist()] == ["...", "..e", ".em", "emm", "mma"]
+    assert decode(y.tolist()) == "emma."
+    x1, _ = build_windows(["ava"], vocab, block_size=1)
+    assert [decode(r) for r in x1.tolist()] == [".", "a", "v", "a"]
+
+
+def test_split_is_random_seed_42_shuffle_then_80_10_10():
+    import random
+
+    words = [f"w{i}" for i in range(100)]
+    expected = list(words)
+    random.seed(42)
+    random.shuffle(expected)
+    splits = split_words(words)
+    assert splits["train"] == expected[:80] and splits["val"] == expected[80:90] and splits["test"] == expected[90:]
+
+
+def test_step_sampler_is_a_pure_function_of_the_step():
+    a = StepSampler(1000, 8, seed=1)
+    whole = a.indices(0, 350)
+    b = StepSampler(1000, 8, seed=1)  # a fresh sampler (as after a restart), asked in odd pieces
+    pieces = torch.cat([b.indices(0, 7), b.indices(7, 100), b.indices(100, 101), b.indices(101, 350)])
+    assert torch.equal(whole, pieces)
+    assert whole.shape == (350, 8) and whole.min() >= 0 and whole.max() < 1000
+    assert not torch.equal(whole, StepSampler(1000, 8, seed=1, rank=1).indices(0, 350))  # ranks draw differently
+    assert not torch.equal(whole, StepSampler(1000, 8, seed=2).indices(0, 350))
+
+
+def test_train_stream_cuts_chunks_at_every_period_and_stops_at_epoch_end():
+    x, y = torch.arange(50).view(-1, 1), torch.arange(50)
+    stream = TrainStream(x, y, StepSampler(50, 4, 0), lambda: 130, steps_per_epoch=200, max_steps=-1, periods=[50, 70])
+    chunks = list(stream)
+    starts = [c["step"] for c in chunks]
+    assert starts == [130, 140, 150]  # multiples of 50 and of 70 start a chunk; the epoch ends at 200
+    assert sum(c["x"].shape[0] for c in chunks) == 70
+    assert all(torch.equal(c["x"][..., 0], c["y"]) for c in chunks)  # x and y are the same examples
+    capped = TrainStream(x, y, StepSampler(50, 4, 0), lambda: 0, steps_per_epoch=200, max_steps=120, periods=[100])
+    assert [c["step"] for c in capped] == [0, 100] and next_boundary(100, 120, [100]) == 120
+
+
+def test_eval_batches_cover_every_example_once_across_ranks():
+    x, y = torch.arange(103).view(-1, 1), torch.arange(103)
+    seen = torch.cat([b[1] for r in range(3) for b in EvalBatches(x, y, batch_size=10, rank=r, world_size=3)])
+    assert torch.equal(seen, y)
+
+
+def test_default_path_is_downloaded_when_missing(tmp_path, monkeypatch, names_file):
+    """A real HTTP download from a local server: written atomically, sha256 checked."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "names.txt").write_bytes(names_file.read_bytes())
+    (served / "bad.txt").write_text("not the names\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        from mm_lightning import data
+        from mm_lightning.errors import UsageError
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(data, "NAMES_URL", f"{base}/bad.txt")
+        with pytest.raises(UsageError, match="sha256"):
+            NamesDataModule()
+        assert not (tmp_path / "data" / "names.txt").exists()
+        monkeypatch.setattr(data, "NAMES_URL", f"{base}/names.txt")
+        dm = NamesDataModule()
+        assert (tmp_path / "data" / "names.txt").read_bytes() == names_file.read_bytes()
+        assert dm.vocab_size == 27
+        assert not list((tmp_path / "data").glob(".*tmp"))
+    finally:
+        server.shutdown()
+
+
+def test_download_failure_says_where_to_put_the_file(tmp_path, monkeypatch):
+    from mm_lightning import data
+    from mm_lightning.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "NAMES_URL", "http://127.0.0.1:9/names.txt")  # nothing listens on port 9
+    with pytest.raises(UsageError, match=r"data/names.txt is missing and downloading .* failed .*--data.path"):
+        NamesDataModule()
