@@ -29,6 +29,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NamesDataModule, download_names
+from mm_lightning.diagnostics import tbwrite
+from mm_lightning.diagnostics.callback import TrainingDiagnostics
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig, generate
 from mm_lightning.module import MakemoreModule, NonFiniteLossError
@@ -94,6 +96,7 @@ class MakemoreCLI(LightningCLI):
         parser.link_arguments("data.vocab", "model.net.vocab", apply_on="instantiate")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.add_lightning_class_args(TrainingDiagnostics, "diagnostics")  # on by default
 
     # ------------------------------------------------------------------------------------------------- resume
 
@@ -266,6 +269,7 @@ def _quiet_noise() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_noise()
+    tbwrite.speed_up()  # every TensorBoard event this process writes: a C checksum instead of a Python one
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("MM_LIGHTNING_DEBUG"))
     argv = [a for a in argv if a != "--debug"]

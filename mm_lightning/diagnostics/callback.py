@@ -1,0 +1,406 @@
+"""TrainingDiagnostics: the lecture's four diagnostics, live in TensorBoard, for any LightningModule.
+
+On a sampled step (step 0 and every every_n_steps) and only then, hooks are attached:
+- a forward hook on each watched layer keeps its output and puts a tensor hook on it for the output's gradient
+  (not register_full_backward_hook, which breaks on in-place ops);
+- an optimizer step pre-hook keeps every parameter, and a post-hook measures the real change and the gradient.
+Every hook removes itself after one use, so other steps pay nothing. With several optimizer steps per Lightning
+batch (this project's module), the sampled step is the first of its batch: the DataModule starts a batch at every
+multiple of `every_n_steps`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import sys
+from functools import partial
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from mm_lightning.diagnostics import figures, tbwrite
+from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, Snapshot, is_activation, summarize
+from mm_lightning.diagnostics.verdicts import CHECKS, HealthThresholds, Verdict, judge
+from mm_lightning.errors import UsageError
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX} if dist.is_available() else {}
+
+
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    dist.all_reduce(t, op=_OPS[op])
+    return t
+
+
+class TrainingDiagnostics(Callback):
+    """Activation, gradient, weight-gradient and update:data statistics every N steps, with health verdicts."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        layers: list[str] | None = None,
+        saturation_threshold: float = 0.97,
+        histogram_bins: int = 60,
+        histograms_every_n_steps: int = 1_000,
+        figures_every_n_steps: int = 10_000,
+        expected_initial_loss: float | None = None,
+        health: HealthThresholds = HealthThresholds(),
+    ):
+        """
+        Args:
+            every_n_steps: sample step 0 and every this many optimizer steps (0 turns diagnostics off).
+            layers: which modules to watch: module paths or class names, glob patterns allowed ('net.layers.*',
+                'Tanh'). Default: every torch.nn activation module (Tanh, ReLU, GELU, ...).
+            saturation_threshold: |t| above which a bounded activation's output counts as saturated.
+            histogram_bins: bins of every histogram (computed on the device).
+            histograms_every_n_steps: log histograms at step 0 and every this many steps (a multiple of
+                every_n_steps; TensorBoard keeps 500 samples per histogram tag anyway).
+            figures_every_n_steps: draw the four lecture figures at step 0, every this many steps (a multiple of
+                histograms_every_n_steps; 0: only at step 0 and the end) and at the end.
+            expected_initial_loss: loss expected at step 0; default ln(classes) where the module has num_classes.
+            health: thresholds of the verdicts.
+        """
+        super().__init__()
+        if every_n_steps < 0:
+            raise UsageError(f"--diagnostics.every_n_steps must be 0 (off) or more, got {every_n_steps}")
+        for name, value, base, base_name in [
+            ("histograms_every_n_steps", histograms_every_n_steps, every_n_steps, "every_n_steps"),
+            ("figures_every_n_steps", figures_every_n_steps, histograms_every_n_steps, "histograms_every_n_steps"),
+        ]:
+            if value < 0 or (value and base and value % base):
+                raise UsageError(f"--diagnostics.{name} ({value}) must be 0 or a multiple of {base_name} ({base})")
+        if not 0 < saturation_threshold < 1:
+            raise UsageError(f"--diagnostics.saturation_threshold must be in (0, 1), got {saturation_threshold}")
+        if histogram_bins < 2:
+            raise UsageError(f"--diagnostics.histogram_bins must be at least 2, got {histogram_bins}")
+        self.every_n_steps = every_n_steps  # also read by NamesDataModule: a sampled step starts a batch
+        self.patterns = list(layers) if layers else None
+        self.saturation_threshold = saturation_threshold
+        self.bins = histogram_bins
+        self.histograms_every_n_steps = histograms_every_n_steps
+        self.figures_every_n_steps = figures_every_n_steps
+        self.expected_initial_loss = expected_initial_loss
+        self.health = health
+        # across the run (saved in checkpoints)
+        self.update_history: dict[str, list[tuple[int, float]]] = {}
+        self.warned: set[tuple[str, str]] = set()
+        # the step being sampled
+        self._watched: list[tuple[str, nn.Module]] = []
+        self._param_names: dict[int, str] = {}
+        self._handles: list = []
+        self._layers: list[CapturedLayer] = []
+        self._params: list[CapturedParams] = []
+        self._before: dict[int, torch.Tensor] = {}  # per optimizer: its rows, once the parameters are saved
+        self._buffers: dict[int, tuple] = {}  # per optimizer: (3, n) before / change / gradient, names, shapes
+        self._captured_names: set[str] = set()
+        self._sampling: int | None = None
+        self._stepped = False
+        self._optimizers_left = 0
+        self._loss: torch.Tensor | None = None
+        self.last_snapshot: Snapshot | None = None
+        self.last_verdicts: list[Verdict] = []
+        self._last_drawable: Snapshot | None = None  # the latest snapshot with histograms, for the figures
+        self._last_drawn: int | None = None
+        self._figure_process: figures.FigureProcess | None = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._watched = self._select(pl_module)
+        self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+
+    def _select(self, pl_module: L.LightningModule) -> list[tuple[str, nn.Module]]:
+        modules = [(n, m) for n, m in pl_module.named_modules() if n]
+        if self.patterns is None:
+            return [(n, m) for n, m in modules if is_activation(m)]
+        chosen = [
+            (n, m)
+            for n, m in modules
+            if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(type(m).__name__, p) for p in self.patterns)
+        ]
+        if not chosen:
+            raise UsageError(
+                f"--diagnostics.layers {self.patterns} matches no module of {type(pl_module).__name__}; "
+                "give module paths (see the model summary) or class names such as Tanh"
+            )
+        return chosen
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tbwrite.speed_up()
+        writer = self._writer(trainer)
+        if writer is not None and self.every_n_steps:
+            writer.add_custom_scalars(custom_scalars_layout())
+
+    # ---------------------------------------------------------------------------------------------- capture
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps or self._sampling is not None:
+            return
+        self._sampling, self._stepped, self._loss = step, False, None
+        self._optimizers_left = len(trainer.optimizers)
+        self._layers, self._params, self._before, self._captured_names = [], [], {}, set()
+        for name, module in self._watched:
+            self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._on_pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._on_post_step))
+
+    def _on_forward(self, name: str, module: nn.Module, inputs, output) -> None:
+        if not isinstance(output, torch.Tensor) or name in self._captured_names:
+            return  # first call of the sampled step only
+        self._captured_names.add(name)
+        captured = CapturedLayer(name, module, output.detach().clone())
+        self._layers.append(captured)
+        if output.requires_grad:
+
+            def keep_grad(grad: torch.Tensor) -> None:
+                if captured.grad is None:
+                    captured.grad = grad.detach().clone()
+
+            output.register_hook(keep_grad)
+
+    def _rows(self, optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], torch.Tensor, list, list]:
+        """The optimizer's parameters, a (3, n) buffer for them kept across samples (allocating a fresh one each
+        time costs page faults that doubled the time of the statistics), their names and shapes."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        params.sort(key=lambda p: tuple(p.shape))  # equal shapes side by side: summarize reduces each run at once
+        cached = self._buffers.get(id(optimizer))
+        if cached is None or cached[0].shape[1] != sum(p.numel() for p in params):
+            rows = torch.empty(3, sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+            names = [self._param_names.get(id(p), f"param_{i}") for i, p in enumerate(params)]
+            cached = self._buffers[id(optimizer)] = (rows, names, [tuple(p.shape) for p in params])
+        return params, *cached
+
+    @staticmethod
+    def _flatten_into(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
+        torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
+
+    def _on_pre_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if not self._stepped:
+            params, rows, _, _ = self._rows(optimizer)
+            self._flatten_into(params, rows[0])
+            self._before[id(optimizer)] = rows
+
+    def _on_post_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        rows = self._before.pop(id(optimizer), None)
+        if self._stepped or rows is None:
+            return
+        params, _, names, shapes = self._rows(optimizer)
+        self._flatten_into(params, rows[1])
+        rows[1].sub_(rows[0])  # the real change the optimizer made
+        self._flatten_into([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], rows[2])
+        self._params.append(CapturedParams(names, shapes, rows))
+        self._optimizers_left -= 1
+        if self._optimizers_left <= 0:  # every optimizer has stepped once
+            self._stepped = True
+            self._remove_hooks()  # nothing more to see on this step: later steps of the batch run hook-free
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._collect_figures(trainer)  # write the figures the worker has finished, if any
+        if self._sampling is None:
+            return
+        if self._loss is None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self._loss = loss.detach() if isinstance(loss, torch.Tensor) else None
+        if not self._stepped:  # e.g. accumulating gradients: the optimizer has not stepped yet
+            return
+        self._remove_hooks()
+        reduce = _all_reduce if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() else None
+        step = self._sampling
+        snapshot = summarize(
+            step,
+            self._loss,
+            self._layers,
+            _merge(self._params),
+            self.saturation_threshold,
+            self.bins,
+            histograms=step == 0 or bool(self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0),
+            reduce=reduce,
+        )
+        self._sampling, self._layers, self._params, self._before = None, [], [], {}
+        self._record(trainer, pl_module, snapshot)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._remove_hooks()
+
+    # ---------------------------------------------------------------------------------------------- results
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, s: Snapshot) -> None:
+        for p in s.weights:
+            if p.log10_update_ratio is not None and not math.isnan(p.log10_update_ratio):
+                self.update_history.setdefault(p.name, []).append((s.step, p.log10_update_ratio))
+        expected = self.expected_initial_loss
+        if expected is None and getattr(pl_module, "num_classes", None):
+            expected = math.log(pl_module.num_classes)
+        window = self.health.update_ratio_window
+        history = {name: [v for _, v in points[-window:]] for name, points in self.update_history.items()}
+        verdicts = judge(s, self.health, expected, history)
+        self.last_snapshot, self.last_verdicts = s, verdicts
+        if not trainer.is_global_zero:
+            return
+        self._log(trainer, s, verdicts)
+        if s.has_histograms:
+            self._last_drawable = s
+            if s.step == 0 or (self.figures_every_n_steps and s.step % self.figures_every_n_steps == 0):
+                self._log_figures(trainer, s)
+
+    def _log(self, trainer: L.Trainer, s: Snapshot, verdicts: list[Verdict]) -> None:
+        scalars = snapshot_scalars(s)
+        for check in CHECKS:
+            mine = [v for v in verdicts if v.check == check]
+            if mine:
+                scalars[f"health/{check}"] = float(any(not v.ok for v in mine))
+        writer = self._writer(trainer)
+        if writer is not None:
+            tbwrite.add_scalars(writer, scalars, s.step)
+            for tag, hist in snapshot_histograms(s).items():
+                tbwrite.add_histogram(writer, tag, hist, s.step)
+        else:
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=s.step)
+        for v in verdicts:
+            if not v.ok and (v.check, v.subject) not in self.warned:
+                self.warned.add((v.check, v.subject))
+                print(f"[diagnostics] step {s.step}: {v.message}", file=sys.stderr)
+                if writer is not None:
+                    writer.add_text(f"health/{v.check}", f"step {s.step}: {v.message}", s.step)
+
+    def _log_figures(self, trainer: L.Trainer, s: Snapshot) -> None:
+        """Hand the figures of s to the worker process (drawn inline if none can be started)."""
+        if self._writer(trainer) is None:
+            return
+        self._last_drawn = s.step
+        if self._figure_process is None:
+            try:
+                self._figure_process = figures.FigureProcess()
+            except OSError as e:
+                print(f"[diagnostics] no figure worker ({e}); drawing figures in the training process", file=sys.stderr)
+        if self._figure_process is not None:
+            self._figure_process.submit(s, self.update_history)
+        else:
+            drawn = {tag: figures.png(fig) for tag, fig in figures.render_all(s, self.update_history).items()}
+            self._write_figures(trainer, [(s.step, drawn)])
+
+    def _write_figures(self, trainer: L.Trainer, done: list) -> None:
+        for step, result in done:
+            if isinstance(result, str):
+                print(f"[diagnostics] figures of step {step} failed: {result}", file=sys.stderr)
+            else:
+                tbwrite.add_png_images(self._writer(trainer), result, step)
+
+    def _collect_figures(self, trainer: L.Trainer, wait: float = 0.0, close: bool = False) -> None:
+        worker = self._figure_process
+        if worker is None:
+            return
+        if close:
+            self._figure_process = None
+            self._write_figures(trainer, worker.close(wait))
+        elif worker.pending:
+            self._write_figures(trainer, worker.ready(wait))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        s = self._last_drawable
+        if trainer.is_global_zero and s is not None and s.step != self._last_drawn:
+            self._log_figures(trainer, s)  # the figures of the last step with histograms
+        self._collect_figures(trainer, wait=120.0, close=True)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._collect_figures(trainer, wait=0.0, close=True)  # after an exception: stop the worker
+
+    @staticmethod
+    def _writer(trainer: L.Trainer):
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    # ---------------------------------------------------------------------------------------- checkpointing
+
+    def state_dict(self) -> dict:
+        return {
+            "update_history": {k: [list(p) for p in v] for k, v in self.update_history.items()},
+            "warned": sorted(list(w) for w in self.warned),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.update_history = {k: [tuple(p) for p in v] for k, v in state_dict.get("update_history", {}).items()}
+        self.warned = {tuple(w) for w in state_dict.get("warned", [])}
+
+
+def _merge(captured: list[CapturedParams]) -> CapturedParams | None:
+    """One CapturedParams for all optimizers."""
+    if len(captured) <= 1:
+        return captured[0] if captured else None
+    rows = torch.cat([c.rows for c in captured], dim=1)
+    return CapturedParams([n for c in captured for n in c.names], [s for c in captured for s in c.shapes], rows)
+
+
+# ------------------------------------------------------------------------------------------- what is logged
+
+
+def snapshot_scalars(s: Snapshot) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for x in s.layers:
+        out[f"act/mean/{x.name}"] = x.mean
+        out[f"act/std/{x.name}"] = x.std
+        if x.saturation is not None:
+            out[f"act/saturation/{x.name}"] = 100 * x.saturation  # percent, as the lecture prints it
+        out[f"act/dead/{x.name}"] = 100 * x.dead
+        if x.grad_std is not None:
+            out[f"grad/mean/{x.name}"] = x.grad_mean
+            out[f"grad/std/{x.name}"] = x.grad_std
+    for p in s.weights:
+        if p.grad_std is not None:
+            out[f"weight/grad_mean/{p.name}"] = p.grad_mean
+            out[f"weight/grad_std/{p.name}"] = p.grad_std
+        if p.grad_data_ratio is not None:
+            out[f"weight/grad_data_ratio/{p.name}"] = p.grad_data_ratio
+    for p in s.params:
+        if p.log10_update_ratio is not None and math.isfinite(p.log10_update_ratio):
+            out[f"update/log10_ratio/{p.name}"] = p.log10_update_ratio
+    if s.params:
+        out["update/reference"] = -3.0  # the lecture's 1e-3 line, so the custom-scalars chart can show it
+    return out
+
+
+def snapshot_histograms(s: Snapshot) -> dict:
+    out = {}
+    for x in s.layers:
+        if x.hist is not None:
+            out[f"act_hist/{x.name}"] = x.hist
+        if x.grad_hist is not None:
+            out[f"grad_hist/{x.name}"] = x.grad_hist
+    for p in s.weights:
+        if p.grad_hist is not None:
+            out[f"weight_grad_hist/{p.name}"] = p.grad_hist
+    return out
+
+
+def custom_scalars_layout() -> dict:
+    """TensorBoard's Custom Scalars tab: each family one multi-line chart over all layers."""
+    m = lambda *tags: ["Multiline", list(tags)]  # noqa: E731
+    return {
+        "1 activations": {
+            "std": m(r"act/std/.*"),
+            "saturated %": m(r"act/saturation/.*"),
+            "mean": m(r"act/mean/.*"),
+            "dead units %": m(r"act/dead/.*"),
+        },
+        "2 gradients": {"output-gradient std": m(r"grad/std/.*"), "output-gradient mean": m(r"grad/mean/.*")},
+        "3 weight gradients": {
+            "grad:data": m(r"weight/grad_data_ratio/.*"),
+            "grad std": m(r"weight/grad_std/.*"),
+        },
+        "4 updates": {"log10(update:data), reference -3": m(r"update/log10_ratio/.*", r"update/reference")},
+        "health": {"failing checks (1 = failing)": m(r"health/.*")},
+    }

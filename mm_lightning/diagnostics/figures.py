@@ -1,0 +1,193 @@
+"""The lecture's four diagnostic figures, drawn from a Snapshot (histograms already computed on the device).
+
+Uses matplotlib's object API (Figure + Agg canvas), never pyplot, so no global state and no display is needed.
+Drawing takes ~100 ms a figure, all of it holding the GIL, so during training the figures are drawn in a worker
+process (FigureProcess, which runs this module: `python -m mm_lightning.diagnostics.figures`).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mm_lightning.diagnostics.snapshot import Histogram, Snapshot
+
+SIZE = (10, 3.2)  # inches, as wide and flat as the lecture's plots
+DPI = 80
+
+
+def _figure() -> tuple[Figure, object]:
+    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _density(h: Histogram) -> list[float]:
+    total = sum(h.counts) or 1.0
+    width = (h.edges[-1] - h.edges[0]) / max(len(h.counts), 1) or 1.0
+    return [c / total / width for c in h.counts]
+
+
+def activations(s: Snapshot) -> Figure:
+    """Figure 1: distribution of each watched layer's output, with mean, std and saturation in the legend."""
+    fig, ax = _figure()
+    for x in s.layers:
+        sat = "" if x.saturation is None else f", saturated {100 * x.saturation:.2f}%"
+        ax.plot(
+            x.hist.centers, _density(x.hist), label=f"{x.name} ({x.kind}): mean {x.mean:+.2f}, std {x.std:.2f}{sat}"
+        )
+    ax.set_title(f"activation distribution (step {s.step})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def gradients(s: Snapshot) -> Figure:
+    """Figure 2: distribution of the gradient of the loss with respect to each watched layer's output."""
+    fig, ax = _figure()
+    for x in s.layers:
+        if x.grad_hist is not None:
+            label = f"{x.name} ({x.kind}): mean {x.grad_mean:+.2e}, std {x.grad_std:.2e}"
+            ax.plot(x.grad_hist.centers, _density(x.grad_hist), label=label)
+    ax.set_title(f"gradient distribution (step {s.step})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def weight_gradients(s: Snapshot) -> Figure:
+    """Figure 3: distribution of each weight's gradient, with the grad:data ratio in the legend."""
+    fig, ax = _figure()
+    for p in s.weights:
+        if p.grad_hist is not None:
+            shape = "x".join(map(str, p.shape))
+            ratio = "n/a" if p.grad_data_ratio is None else f"{p.grad_data_ratio:.2e}"
+            label = f"{p.name} {shape}: mean {p.grad_mean:+.2e}, std {p.grad_std:.2e}, grad:data {ratio}"
+            ax.plot(p.grad_hist.centers, _density(p.grad_hist), label=label)
+    ax.set_title(f"weight gradient distribution (step {s.step})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def update_ratios(history: dict[str, list[tuple[int, float]]], step: int) -> Figure:
+    """Figure 4: log10(update:data) of each weight over time, against the lecture's 1e-3 line."""
+    fig, ax = _figure()
+    for name, points in history.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+    ax.axhline(-3, color="k", linestyle="--", linewidth=1, label="1e-3")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10(update:data)")
+    ax.set_title(f"update:data ratio over time (to step {step})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def render_all(s: Snapshot, history: dict[str, list[tuple[int, float]]]) -> dict[str, Figure]:
+    return {
+        "figures/1_activations": activations(s),
+        "figures/2_gradients": gradients(s),
+        "figures/3_weight_gradients": weight_gradients(s),
+        "figures/4_update_ratios": update_ratios(history, s.step),
+    }
+
+
+def png(fig: Figure) -> tuple[bytes, int, int]:
+    """The figure as PNG bytes, with its height and width in pixels."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    width, height = fig.canvas.get_width_height()
+    return buffer.getvalue(), height, width
+
+
+# ------------------------------------------------------------------------------------------- worker process
+# Frames on the worker's stdin/stdout: 8 bytes of length, then a pickle. Both ends are this module, in processes
+# this project starts; nothing from outside is ever unpickled.
+
+
+def _write_frame(stream, obj) -> None:
+    data = pickle.dumps(obj)
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def _read_frame(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        return None  # end of stream: the other side has gone
+    return pickle.loads(stream.read(int.from_bytes(header, "little")))
+
+
+def serve(stdin=None, stdout=None) -> None:
+    """The worker: draw each (snapshot, history) that arrives until stdin ends (closed, or the trainer died)."""
+    stdin, stdout = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
+    while (job := _read_frame(stdin)) is not None:
+        snapshot, history = job
+        try:
+            result = {tag: png(fig) for tag, fig in render_all(snapshot, history).items()}
+        except Exception as e:  # a figure that cannot be drawn must not take training down
+            result = f"{type(e).__name__}: {e}"
+        _write_frame(stdout, (snapshot.step, result))
+
+
+class FigureProcess:
+    """The training side of the worker. submit() never blocks: a thread feeds the worker, another reads back."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mm_lightning.diagnostics.figures"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self.jobs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.pending = 0
+        threading.Thread(target=self._feed, daemon=True).start()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _feed(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                _write_frame(self.process.stdin, job)
+            except (BrokenPipeError, OSError):
+                return
+        self.process.stdin.close()
+
+    def _collect(self) -> None:
+        while (result := _read_frame(self.process.stdout)) is not None:
+            self.results.put(result)
+
+    def submit(self, snapshot: Snapshot, history: dict[str, list[tuple[int, float]]]) -> None:
+        self.jobs.put((snapshot, {name: list(points) for name, points in history.items()}))  # a copy: it grows
+        self.pending += 1
+
+    def ready(self, wait: float = 0.0) -> list[tuple[int, dict | str]]:
+        """(step, {tag: (png, height, width)} or an error message) for every figure set drawn so far; with
+        wait > 0, wait up to that many seconds in all for the pending ones."""
+        out, deadline = [], time.monotonic() + wait
+        while self.pending:
+            try:
+                left = max(deadline - time.monotonic(), 0)
+                out.append(self.results.get(timeout=left) if wait else self.results.get_nowait())
+            except queue.Empty:
+                break
+            self.pending -= 1
+        return out
+
+    def close(self, wait: float = 60.0) -> list[tuple[int, dict | str]]:
+        """What is still pending (waiting up to `wait` seconds), then stop the worker."""
+        out = self.ready(wait)
+        self.jobs.put(None)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return out
+
+
+if __name__ == "__main__":
+    serve()
