@@ -246,7 +246,85 @@ def download_command(args: list[str]) -> None:
     print(f"wrote {path} (sha256 {NAMES_SHA256[:12]}...)")
 
 
-COMMANDS = {"sample": sample_command, "download": download_command}
+DIAGNOSE_USAGE = """usage: python -m mm_lightning.cli diagnose [--config FILE] [--steps K] [--save_figures DIR] [...]
+
+Build the data and the model exactly as `fit` would (same --config, --model.*, --data.*, --diagnostics.*), train
+K steps (default 0: at init), then print the lecture's per-layer tables for step K and the health verdicts.
+Exit status 1 when a verdict fails. --save_figures DIR writes the four lecture figures there as PNG files."""
+
+
+def _pop_option(args: list[str], name: str) -> str | None:
+    """Remove `name VALUE` or `name=VALUE` from args and return VALUE."""
+    for i, a in enumerate(args):
+        if a == name:
+            if i + 1 >= len(args):
+                raise UsageError(f"{name} needs a value")
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if a.startswith(name + "="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+def diagnose_command(args: list[str]) -> int:
+    import lightning as L
+
+    from mm_lightning.diagnostics import figures
+    from mm_lightning.diagnostics.report import format_report
+
+    if "-h" in args or "--help" in args:
+        print(DIAGNOSE_USAGE)
+        return 0
+    args = list(args)
+    steps_text, figures_dir = _pop_option(args, "--steps"), _pop_option(args, "--save_figures")
+    try:
+        steps = int(steps_text or 0)
+    except ValueError:
+        raise UsageError(f"--steps must be a whole number of training steps, got {steps_text!r}") from None
+    if steps < 0:
+        raise UsageError(f"--steps must be 0 (at init) or more, got {steps}")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    cli = MakemoreCLI(args, run=False)  # the same parser, config files and checks as fit
+    configured: TrainingDiagnostics = cli.config_init["diagnostics"]
+    every = max(steps, 1)  # sample step 0 and step `steps`
+    diagnostics = TrainingDiagnostics(
+        every_n_steps=every,
+        layers=configured.patterns,
+        saturation_threshold=configured.saturation_threshold,
+        histogram_bins=configured.bins,
+        histograms_every_n_steps=every,
+        figures_every_n_steps=0,
+        expected_initial_loss=configured.expected_initial_loss,
+        health=configured.health,
+    )
+    trainer = L.Trainer(
+        max_steps=steps + 1,
+        accelerator=cli.config["trainer"]["accelerator"],
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[diagnostics],
+    )
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    snapshot, verdicts = diagnostics.last_snapshot, diagnostics.last_verdicts
+    expected = configured.expected_initial_loss or math.log(cli.model.num_classes)
+    print(format_report(snapshot, verdicts, expected))
+    if figures_dir:
+        out = Path(figures_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for tag, fig in figures.render_all(snapshot, diagnostics.update_history).items():
+            (out / f"{tag.split('/')[-1]}.png").write_bytes(figures.png(fig)[0])
+        print(f"figures written to {out}/")
+    return 1 if any(not v.ok for v in verdicts) else 0
+
+
+COMMANDS = {"sample": sample_command, "download": download_command, "diagnose": diagnose_command}
 USAGE = """usage: python -m mm_lightning.cli COMMAND [options]   (or: mm-lightning COMMAND [options])
 
   fit        train; --config configs/X.yaml, overrides like --trainer.max_steps 400 --model.lr 0.05;
@@ -255,6 +333,7 @@ USAGE = """usage: python -m mm_lightning.cli COMMAND [options]   (or: mm-lightni
   test       test/loss of a checkpoint       (--ckpt_path last | FILE)
   predict    names generated through Lightning (--ckpt_path ..., --data.num_samples N)
   sample     names from a checkpoint, quickly (--num_samples 20 --temperature 1.0 --seed 42)
+  diagnose   per-layer activation/gradient tables and health verdicts at init (or after --steps K)
   download   fetch makemore's names.txt into data/ (sha256-checked)
 
 Every command takes --help; --debug shows the traceback of an error."""
@@ -278,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         if argv[0] in COMMANDS:
-            COMMANDS[argv[0]](argv[1:])
-        else:
-            MakemoreCLI(argv)
+            return COMMANDS[argv[0]](argv[1:]) or 0
+        MakemoreCLI(argv)
         return 0
     except (UsageError, MisconfigurationException) as e:
         if debug:

@@ -168,12 +168,13 @@ class TrainingDiagnostics(Callback):
         """The optimizer's parameters, a (3, n) buffer for them kept across samples (allocating a fresh one each
         time costs page faults that doubled the time of the statistics), their names and shapes."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        params.sort(key=lambda p: tuple(p.shape))  # equal shapes side by side: summarize reduces each run at once
+        order = sorted(range(len(params)), key=lambda i: tuple(params[i].shape))  # equal shapes side by side:
+        params = [params[i] for i in order]  # summarize reduces each run of them at once
         cached = self._buffers.get(id(optimizer))
         if cached is None or cached[0].shape[1] != sum(p.numel() for p in params):
             rows = torch.empty(3, sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-            names = [self._param_names.get(id(p), f"param_{i}") for i, p in enumerate(params)]
-            cached = self._buffers[id(optimizer)] = (rows, names, [tuple(p.shape) for p in params])
+            names = [self._param_names.get(id(p), f"param_{i}") for i, p in zip(order, params)]
+            cached = self._buffers[id(optimizer)] = (rows, names, [tuple(p.shape) for p in params], order)
         return params, *cached
 
     @staticmethod
@@ -182,7 +183,7 @@ class TrainingDiagnostics(Callback):
 
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         if not self._stepped:
-            params, rows, _, _ = self._rows(optimizer)
+            params, rows, *_ = self._rows(optimizer)
             self._flatten_into(params, rows[0])
             self._before[id(optimizer)] = rows
 
@@ -190,11 +191,11 @@ class TrainingDiagnostics(Callback):
         rows = self._before.pop(id(optimizer), None)
         if self._stepped or rows is None:
             return
-        params, _, names, shapes = self._rows(optimizer)
+        params, _, names, shapes, order = self._rows(optimizer)
         self._flatten_into(params, rows[1])
         rows[1].sub_(rows[0])  # the real change the optimizer made
         self._flatten_into([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], rows[2])
-        self._params.append(CapturedParams(names, shapes, rows))
+        self._params.append(CapturedParams(names, shapes, rows, order))
         self._optimizers_left -= 1
         if self._optimizers_left <= 0:  # every optimizer has stepped once
             self._stepped = True
@@ -342,7 +343,9 @@ def _merge(captured: list[CapturedParams]) -> CapturedParams | None:
     if len(captured) <= 1:
         return captured[0] if captured else None
     rows = torch.cat([c.rows for c in captured], dim=1)
-    return CapturedParams([n for c in captured for n in c.names], [s for c in captured for s in c.shapes], rows)
+    offsets = [sum(len(c.names) for c in captured[:i]) for i in range(len(captured))]
+    order = [o + i for c, o in zip(captured, offsets) for i in (c.order or range(len(c.names)))]
+    return CapturedParams([n for c in captured for n in c.names], [s for c in captured for s in c.shapes], rows, order)
 
 
 # ------------------------------------------------------------------------------------------- what is logged

@@ -55,6 +55,7 @@ class CapturedParams:
     names: list[str]
     shapes: list[tuple[int, ...]]
     rows: torch.Tensor  # [0] the parameters before the step, [1] after - before, [2] the gradients at the step
+    order: list[int] | None = None  # each parameter's position in the optimizer (rows are grouped by shape)
 
 
 # ------------------------------------------------------------------------------------------- segment maths
@@ -177,7 +178,7 @@ class _Layers:
                 constant = [a == b for a, b in zip(lo[u], hi[u])]
                 saturation = None
                 if n_sat is not None:
-                    saturation = n_sat[j] / x.output.numel()
+                    saturation = n_sat[j] / (m[j] + m[3 * k + j])  # over every process's values (NaN included)
                     constant = [c or s >= 1.0 for c, s in zip(constant, every[u])]
                 mean, std = _mean_std(*m[j::k])
                 out[i] = LayerStats(x.name, type(x.module).__name__, mean, std, saturation, sum(constant) / units)
@@ -287,7 +288,7 @@ class _Params:
             else:
                 update = math.log10(delta_std / data_std) if delta_std > 0 else -math.inf
             out.append(ParamStats(name, self.p.shapes[i], data_std, grad_mean, grad_std, ratio, update))
-        return out
+        return out if self.p.order is None else [out[i] for i in sorted(range(k), key=self.p.order.__getitem__)]
 
     def collect_ranges(self, p: _Packer) -> None:
         grads = [v[2] for v in self.runs]  # (count, size) gradient views

@@ -1,0 +1,387 @@
+"""Training diagnostics: the statistics are right, the verdicts tell the lecture's stories, TensorBoard gets
+everything (read back with its own reader), training is unchanged, and the callback works on other modules."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mm_lightning.cli import main
+from mm_lightning.diagnostics.callback import TrainingDiagnostics, custom_scalars_layout
+from mm_lightning.diagnostics.snapshot import LayerStats, ParamStats, Snapshot
+from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, summarize
+from mm_lightning.diagnostics.verdicts import HealthThresholds, judge
+from tests.conftest import SMALL, scalars
+
+NO_BN = ["--model.net.batchnorm", "false", "--model.net.output_batchnorm", "false"]
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def test_summarize_matches_direct_computation():
+    torch.manual_seed(0)
+    outs = [torch.tanh(torch.randn(32, 100) * s) for s in (0.5, 3.0)] + [torch.relu(torch.randn(32, 50))]
+    outs[1][:, 7] = 1.0  # a unit saturated for every example: dead
+    outs[2][:, :5] = 0.0  # five ReLU units that never fire: dead
+    grads = [torch.randn_like(o) * 1e-3 for o in outs]
+    kinds = [nn.Tanh(), nn.Tanh(), nn.ReLU()]
+    layers = [CapturedLayer(f"l{i}", k, o, g) for i, (k, o, g) in enumerate(zip(kinds, outs, grads))]
+    shapes = [(100, 30), (100,), (100, 100), (100,), (100, 100)]  # as an optimizer lists them
+    params = [torch.randn(s) for s in shapes]
+    params[1] = torch.ones(100)  # a fresh BatchNorm gamma: constant, no update ratio yet
+    deltas = [torch.randn(s) * 1e-3 for s in shapes]
+    pgrads = [torch.randn(s) * 1e-2 for s in shapes]
+    order = sorted(range(5), key=lambda i: shapes[i])  # the callback's layout: equal shapes side by side
+    rows = torch.stack([torch.cat([t[i].reshape(-1) for i in order]) for t in (params, deltas, pgrads)])
+    captured = CapturedParams([f"p{i}" for i in order], [shapes[i] for i in order], rows, order)
+    s = summarize(7, torch.tensor(3.0), layers, captured, saturation_threshold=0.97, bins=20)
+
+    assert s.step == 7 and s.loss == pytest.approx(3.0)
+    for x, o, g in zip(s.layers, outs, grads):
+        assert x.mean == pytest.approx(o.mean().item(), abs=1e-6) and x.std == pytest.approx(o.std().item(), rel=1e-5)
+        assert x.grad_std == pytest.approx(g.std().item(), rel=1e-5)
+        assert sum(x.hist.counts) == o.numel()
+        assert x.hist.counts == torch.histc(o, 20, x.hist.edges[0], x.hist.edges[-1]).tolist()
+    assert s.layers[0].saturation == pytest.approx((outs[0].abs() > 0.97).float().mean().item())
+    assert s.layers[1].dead == pytest.approx(0.01) and s.layers[0].dead == 0.0
+    assert s.layers[2].saturation is None and s.layers[2].dead == pytest.approx(0.1)  # 5 of 50 units
+    assert [p.name for p in s.params] == [f"p{i}" for i in range(5)]  # back in optimizer order
+    for p, data, d, g in zip(s.params, params, deltas, pgrads):
+        assert p.grad_std == pytest.approx(g.std().item(), rel=1e-5)
+        if p.name == "p1":
+            assert p.data_std == 0 and p.log10_update_ratio is None and p.grad_data_ratio is None
+        else:
+            assert p.log10_update_ratio == pytest.approx(math.log10(d.std().item() / data.std().item()), abs=1e-5)
+            assert p.grad_data_ratio == pytest.approx(g.std().item() / data.std().item(), rel=1e-5)
+    assert [p.name for p in s.weights] == ["p0", "p2", "p4"]
+
+
+def test_a_nan_is_pinned_to_its_own_layer():
+    outs = [torch.tanh(torch.randn(8, 10)) for _ in range(3)]
+    outs[1][0, 0] = float("nan")
+    s = summarize(0, torch.tensor(1.0), [CapturedLayer(f"l{i}", nn.Tanh(), o) for i, o in enumerate(outs)], None)
+    assert math.isnan(s.layers[1].std)
+    assert math.isfinite(s.layers[0].std) and math.isfinite(s.layers[2].std)
+    nonfinite = [v for v in judge(s, HealthThresholds()) if v.check == "nonfinite"][0]
+    assert not nonfinite.ok and nonfinite.subject == "l1"
+
+
+def _snapshot(step=0, loss=3.3, stds=(0.64, 0.64), sats=(0.03, 0.03), gstds=(1e-3, 1e-3), dead=0.0):
+    layers = [
+        LayerStats(f"l{i}", "Tanh", 0.0, std, sat, dead, grad_mean=0.0, grad_std=g)
+        for i, (std, sat, g) in enumerate(zip(stds, sats, gstds))
+    ]
+    return Snapshot(step, loss, layers, [ParamStats("w", (10, 10), 1.0, 0.0, 1e-3, 1e-3, -3.0)])
+
+
+def test_verdicts():
+    t = HealthThresholds()
+    failing = lambda s, **kw: {v.check for v in judge(s, t, **kw) if not v.ok}  # noqa: E731
+    assert failing(_snapshot(), expected_loss=math.log(27)) == set()
+    assert failing(_snapshot(loss=27.0), expected_loss=math.log(27)) == {"initial_loss"}
+    assert failing(_snapshot(step=100, loss=27.0), expected_loss=math.log(27)) == set()  # step 0 only
+    assert failing(_snapshot(sats=(0.45, 0.03))) == {"saturation"}
+    assert failing(_snapshot(stds=(0.62, 0.30))) == {"activation_std_ratio"}
+    assert failing(_snapshot(gstds=(1e-5, 1e-3))) == {"gradient_std_ratio"}
+    assert failing(_snapshot(dead=0.2)) == {"dead_units"}
+    low = {"w": [-4.5] * 10}
+    assert failing(_snapshot(), update_history=low) == {"update_ratio"}
+    assert failing(_snapshot(), update_history={"w": [-4.5] * 9}) == set()  # not sustained long enough
+    assert failing(_snapshot(), update_history={"w": [-4.5] * 9 + [-3.0]}) == set()
+
+
+# ---------------------------------------------------------------------------------------- the lecture's stories
+
+
+@pytest.mark.parametrize(
+    "extra, status, expect",
+    [
+        ([], 0, "all healthy"),  # deep BN net: tanh std ~0.64, a few % saturated
+        (NO_BN + ["--model.net.gain", "1.0"], 1, "activations shrink layer by layer"),
+        (NO_BN, 0, "all healthy"),  # gain 5/3: the first layer ~20% saturated, which the lecture accepts
+        (NO_BN + ["--model.net.gain", "3.0"], 1, "saturated (> 30%)"),
+    ],
+    ids=["batchnorm", "no-bn-gain-1", "no-bn-gain-5/3", "no-bn-gain-3"],
+)
+def test_diagnose_tells_the_lectures_stories(project, monkeypatch, capsys, extra, status, expect):
+    monkeypatch.chdir(project)
+    assert main(["diagnose", *extra]) == status
+    out = capsys.readouterr().out
+    assert expect in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("net.layers.") and "(Tanh)" in line]
+    assert len(rows) == 5
+    stds = [float(r[3]) for r in rows]  # name, (kind), mean, std, saturated, dead, grad mean, grad std
+    if not extra:
+        assert all(0.6 <= s <= 0.7 for s in stds), stds
+        assert all(0.5 <= float(r[4].rstrip("%")) <= 6 for r in rows)  # a few % saturated
+        grad_stds = [float(r[-1]) for r in rows]
+        assert max(grad_stds) / min(grad_stds) < 3  # about equal across layers
+    if "1.0" in extra:
+        assert stds == sorted(stds, reverse=True) and stds[-1] < 0.6 * stds[0]  # shrinking layer by layer
+
+
+def test_diagnose_after_training_steps_and_figures(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["diagnose", "--steps", "300", "--save_figures", "figs", *SMALL[:4]]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("step 300")
+    assert sorted(p.name for p in (project / "figs").iterdir()) == [
+        "1_activations.png",
+        "2_gradients.png",
+        "3_weight_gradients.png",
+        "4_update_ratios.png",
+    ]
+    assert main(["diagnose", "--steps", "-1"]) == 2
+
+
+# ------------------------------------------------------------------------------------ TensorBoard and training
+
+
+def _fit(project, root: str, *extra: str) -> None:
+    args = ["fit", "--trainer.max_steps", "300", "--data.steps_per_epoch", "300", "--trainer.default_root_dir", root]
+    assert main([*args, "--trainer.enable_model_summary", "false", *extra]) == 0
+
+
+def _events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_fit_writes_every_diagnostic_to_tensorboard(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _fit(project, "out", "--diagnostics.histograms_every_n_steps", "100", "--diagnostics.figures_every_n_steps", "200")
+    acc = _events(project / "out" / "lightning_logs" / "version_0")
+    tags = acc.Tags()
+    tanh = [f"net.layers.{i}" for i in (2, 5, 8, 11, 14)]
+    weights = ["net.embedding.weight", "net.layers.0.weight", "net.layers.3.weight", "net.layers.15.weight"]
+    for layer in tanh:
+        for family in ("act/mean", "act/std", "act/saturation", "act/dead", "grad/mean", "grad/std"):
+            assert [e.step for e in acc.Scalars(f"{family}/{layer}")] == [0, 100, 200]
+        assert 0.4 < acc.Scalars(f"act/std/{layer}")[0].value < 0.9
+        assert all(0 <= e.value <= 100 for e in acc.Scalars(f"act/saturation/{layer}"))
+        assert f"act_hist/{layer}" in tags["histograms"] and f"grad_hist/{layer}" in tags["histograms"]
+    for w in weights:
+        assert f"weight/grad_data_ratio/{w}" in tags["scalars"] and f"weight_grad_hist/{w}" in tags["histograms"]
+        assert all(-6 < e.value < 0 for e in acc.Scalars(f"update/log10_ratio/{w}"))
+    assert "update/log10_ratio/net.layers.1.weight" in tags["scalars"]  # BN gamma: once it has moved
+    assert [e.value for e in acc.Scalars("update/reference")] == [-3.0] * 3
+    assert all(e.value == 0.0 for e in acc.Scalars("health/saturation"))
+    hist = acc.Histograms(f"act_hist/{tanh[0]}")[0].histogram_value
+    assert hist.num == 32 * 100 and hist.min == -1.0 and hist.max == 1.0
+    images = {tag: [e.step for e in acc.Images(tag)] for tag in tags["images"]}
+    figures = ("1_activations", "2_gradients", "3_weight_gradients", "4_update_ratios")
+    assert images == {f"figures/{n}": [0, 200] for n in figures}  # step 0, then every 200 (the last sample)
+    assert all(acc.Images(t)[0].width > 400 for t in images)
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: [list(ch.multiline.tag) for ch in c.chart] for c in layout.category}
+    assert charts["4 updates"] == [[r"update/log10_ratio/.*", r"update/reference"]]
+    assert set(charts) == set(custom_scalars_layout())
+
+
+def test_diagnostics_do_not_change_training(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _fit(project, "on", *SMALL[:4])
+    _fit(project, "off", *SMALL[:4], "--diagnostics.every_n_steps", "0")
+    on, off = (project / d / "lightning_logs" / "version_0" for d in ("on", "off"))
+    assert scalars(on)["train/loss"] == scalars(off)["train/loss"]
+    a = torch.load(on / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(off / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "act/std/net.layers.2" not in scalars(off)
+
+
+# ------------------------------------------------------------------------------------------- any LightningModule
+
+
+class ReluMLP(L.LightningModule):
+    """A different model: ReLU, automatic optimization, Adam. Records each step's real parameter change."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+        self.changes = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._before = {n: p.detach().clone() for n, p in self.named_parameters()}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.changes[self.global_step - 1] = {
+            n: math.log10((p.detach() - self._before[n]).std().item() / self._before[n].std().item())
+            for n, p in self.named_parameters()
+        }
+
+
+def test_callback_on_another_lightning_module(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+    model = ReluMLP()
+    diagnostics = TrainingDiagnostics(every_n_steps=5, histograms_every_n_steps=5, figures_every_n_steps=0)
+    trainer = L.Trainer(
+        max_steps=12,
+        logger=TensorBoardLogger(tmp_path, name="relu"),
+        callbacks=[diagnostics],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader)
+    acc = _events(tmp_path / "relu" / "version_0")
+    tags = acc.Tags()["scalars"]
+    assert {"act/dead/net.1", "act/dead/net.3", "act/std/net.1", "grad/std/net.3"} <= set(tags)
+    assert not any(t.startswith("act/saturation/") for t in tags)  # ReLU is not bounded: no saturation
+    assert [e.step for e in acc.Scalars("act/std/net.1")] == [0, 5, 10]
+    for step in (0, 5, 10):  # Adam's update is not lr * grad: the logged ratio is the real measured change
+        logged = [e.value for e in acc.Scalars("update/log10_ratio/net.0.weight") if e.step == step][0]
+        assert logged == pytest.approx(model.changes[step]["net.0.weight"], abs=1e-4)
+    assert diagnostics.last_snapshot.step == 10
+
+
+def test_figure_worker_does_not_outlive_a_killed_trainer(tmp_path):
+    script = (
+        "import os, sys, time\n"
+        "from mm_lightning.diagnostics.figures import FigureProcess\n"
+        "w = FigureProcess(); print(w.process.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return  # gone: its stdin closed with the parent
+        with open(f"/proc/{worker}/stat") as f:
+            if f.read().split()[2] == "Z":  # exited, waiting to be reaped by init
+                return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the figure worker kept running after its trainer was killed")
+
+
+# ----------------------------------------------------------------------------------- through TensorBoard itself
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_the_diagnostics_over_http(project, monkeypatch):
+    """Start TensorBoard on 127.0.0.1 against a finished run and read what the browser reads."""
+    import json
+    import shutil
+    import urllib.parse
+    import urllib.request
+
+    monkeypatch.chdir(project)
+    _fit(project, "out", *NO_BN, "--model.net.gain", "3.0")  # saturated: verdicts to find as text too
+    port = _free_port()
+    exe = shutil.which("tensorboard") or os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    server = subprocess.Popen(
+        [exe, "--logdir", str(project / "out" / "lightning_logs"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def get(path: str, **query):
+        url = f"http://127.0.0.1:{port}/data/plugin/{path}" + ("?" + urllib.parse.urlencode(query) if query else "")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline, tags = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            try:
+                tags = get("scalars/tags").get("version_0", {})
+                if "act/std/net.layers.1" in tags and "update/reference" in tags:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert "act/saturation/net.layers.1" in tags, f"TensorBoard never served the run: {sorted(tags)[:5]}"
+        points = get("scalars/scalars", run="version_0", tag="act/saturation/net.layers.1")
+        assert [p[1] for p in points] == [0, 100, 200] and points[0][2] > 30  # (wall time, step, value): saturated
+        health = get("scalars/scalars", run="version_0", tag="health/saturation")
+        assert [p[2] for p in health] == [1.0, 1.0, 1.0]
+        layout = get("custom_scalars/layout")
+        assert {c["title"] for c in layout["category"]} == set(custom_scalars_layout())
+        assert "figures/1_activations" in get("images/tags")["version_0"]
+        assert "act_hist/net.layers.1" in get("histograms/tags")["version_0"]
+        assert any(t.startswith("health/") for t in get("text/tags").get("version_0", []))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------- under DDP
+
+
+def _ddp_worker(rank: int, port: int, path: str, tensors) -> None:
+    import torch.distributed as dist
+
+    from mm_lightning.diagnostics.callback import _all_reduce
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    outs, grads, loss = tensors
+    half = slice(rank * 16, (rank + 1) * 16)  # each process sees half of the batch
+    layers = [CapturedLayer(f"l{i}", nn.Tanh(), o[half], g[half]) for i, (o, g) in enumerate(zip(outs, grads))]
+    snapshot = summarize(0, loss[rank], layers, None, bins=10, reduce=_all_reduce)
+    if rank == 0:
+        torch.save(snapshot, path)
+    dist.destroy_process_group()
+
+
+def test_statistics_are_all_reduced_across_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    outs = [torch.tanh(torch.randn(32, 20) * s) for s in (0.7, 2.5)]
+    outs[1][:16, 3] = 1.0  # saturated on rank 0's half only: not dead for the whole batch
+    outs[1][:, 4] = -1.0  # saturated everywhere: dead
+    grads = [torch.randn(32, 20) * 1e-3 for _ in outs]
+    loss = torch.tensor([2.0, 4.0])
+    path = str(tmp_path / "snapshot.pt")
+    mp.spawn(_ddp_worker, args=(_free_port(), path, (outs, grads, loss)), nprocs=2)
+    ddp = torch.load(path, weights_only=False)  # our own test file
+    whole = summarize(
+        0,
+        loss.mean(),
+        [CapturedLayer(f"l{i}", nn.Tanh(), o, g) for i, (o, g) in enumerate(zip(outs, grads))],
+        None,
+        bins=10,
+    )
+    assert ddp.loss == pytest.approx(3.0)
+    for a, b in zip(ddp.layers, whole.layers):
+        assert a.mean == pytest.approx(b.mean, abs=1e-7) and a.std == pytest.approx(b.std, rel=1e-6)
+        assert a.saturation == pytest.approx(b.saturation) and a.dead == b.dead
+        assert a.grad_std == pytest.approx(b.grad_std, rel=1e-6) and a.hist.counts == b.hist.counts
+    assert ddp.layers[1].dead == pytest.approx(1 / 20)
