@@ -16,6 +16,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
@@ -87,6 +89,7 @@ class MakemoreCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
             load_from_checkpoint_support=False,  # no class paths in checkpoints: they could choose code to run
             auto_configure_optimizers=False,  # the module's SGD + step decay, configured under --model
+            parser_kwargs={"exit_on_error": False},  # main() reports a parse error in one line
             args=self._argv,
             run=run,
         )
@@ -343,7 +346,19 @@ def _quiet_noise() -> None:
     """Silence messages that say nothing about this run."""
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")  # we pass argv on purpose
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # a deprecation inside Lightning itself
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a resumed run's own checkpoints
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42"
+
+
+def _one_line(error: Exception, argv: list[str]) -> str:
+    """jsonargparse's multi-line parse errors, as one line that names the key and points at --help."""
+    text = " ".join(str(error).split())
+    text = re.sub(r'Parser key "([^"]+)": ', r"--\1: ", text)
+    text = text.replace("Expected a typing.Literal", "expected one of ").replace("Expected a ", "expected ")
+    text = re.sub(r"<class '(\w+)'>", r"\1", text).replace(". Got value:", ", got")
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    return f"{text} (see `python -m mm_lightning.cli {command} --help`)".replace("  ", " ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, MisconfigurationException) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except ArgumentError as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e, argv)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         if debug:

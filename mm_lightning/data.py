@@ -292,6 +292,7 @@ class NamesDataModule(L.LightningDataModule):
         self.words = read_words(self.path)
         # known at construction, so LightningCLI can link it into the model before either is built
         self.vocab = build_vocab(self.words)
+        self.words_by_split = split_words(self.words, split_seed)  # now, so that too few words fails before any run
         self.block_size, self.batch_size = block_size, batch_size
         self.steps_per_epoch, self.steps_per_batch = steps_per_epoch, steps_per_batch
         self.eval_batch_size, self.seed, self.split_seed = eval_batch_size, seed, split_seed
@@ -304,7 +305,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            for name, words in split_words(self.words, self.split_seed).items():
+            for name, words in self.words_by_split.items():
                 self.splits[name] = build_windows(words, self.vocab, self.block_size)
 
     @property

@@ -86,7 +86,8 @@ class MakemoreModule(L.LightningModule):
         self.automatic_optimization = False
         self.net = MLP(net)
         self.num_classes = net.vocab_size  # diagnostics compare the loss at step 0 with ln(num_classes)
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        # float64 sums: loss x examples must not overflow (or round) on a whole split
+        self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         self._loss_window: list[float] = []  # losses since train/loss was last logged
         self._last_val_loss: float | None = None
         self._optimizer_step = self._lightning_step  # chosen at train start, see needs_lightning_step
@@ -144,12 +145,34 @@ class MakemoreModule(L.LightningModule):
 
     def _stop_non_finite(self, loss: float, x: torch.Tensor) -> None:
         with torch.no_grad():
-            where = first_nonfinite_module(self.net, x)
+            where = first_nonfinite_module(self, x)
         raise NonFiniteLossError(
             f"the loss became {loss} at step {self.global_step}"
             + (f"; the first non-finite output is {where}" if where else "")
             + "; lower --model.lr or check the init; checkpoints written so far are intact"
         )
+
+    def _stop_non_finite_validation(self, loss: float) -> None:
+        """Stop before the epoch's checkpoint is written (ModelCheckpoint saves after validation)."""
+        bad = self._first_nonfinite_parameter()
+        raise NonFiniteLossError(
+            f"val/loss became {loss} at step {self.global_step}"
+            + (f"; the first non-finite parameter is {bad}" if bad else "")
+            + "; lower --model.lr or check the init; checkpoints written so far are intact"
+        )
+
+    def _first_nonfinite_parameter(self) -> str | None:
+        return next((name for name, p in self.named_parameters() if not torch.isfinite(p).all()), None)
+
+    def on_train_epoch_end(self) -> None:
+        # runs before ModelCheckpoint's hook: the last update may have left non-finite parameters (with validation
+        # off nothing else would notice), and they must never reach a checkpoint
+        bad = self._first_nonfinite_parameter()
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"{bad} became non-finite by step {self.global_step}; lower --model.lr or check the init; "
+                "checkpoints written so far are intact"
+            )
 
     def _log_losses(self, first_step: int, values: list[float]) -> None:
         """Log train/loss (mean over the last log_every_n_steps steps) and train/lr at multiples of that cadence."""
@@ -233,6 +256,8 @@ class MakemoreModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         value = self.val_loss.compute()  # weighted mean over the whole split, all ranks
         self.val_loss.reset()
+        if not torch.isfinite(value) and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._stop_non_finite_validation(value.item())
         self.log("val/loss", value, prog_bar=True, logger=False)  # for ModelCheckpoint and the progress bar
         if not self.trainer.sanity_checking:
             self._last_val_loss = value.item()

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,8 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise UsageError(f"checkpoint {path} {what}; pass --ckpt_path last or the path of a .ckpt file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not one of ours
+        raise UsageError(f"{path} is not a readable checkpoint (not a torch.save archive); pass a .ckpt written by fit")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -132,12 +135,19 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that remembers across a restart the step it last saved at.
+    """ModelCheckpoint that writes last.ckpt at every epoch end and remembers across a restart where it saved.
 
-    A checkpoint is written in the epoch-end hook, and on resume Lightning runs that hook again for the restored
-    epoch: plain ModelCheckpoint would then save the same step a second time, before any validation (and warn that
-    val/loss is missing).
+    - Lightning 2.6 writes last.ckpt only in a step where the monitored metric improved: once val/loss stops
+      improving, last.ckpt would fall behind and a restart would silently go back to an old step.
+    - A checkpoint is written in the epoch-end hook, and on resume Lightning runs that hook again for the restored
+      epoch: plain ModelCheckpoint would then save the same step a second time, before any validation (and warn that
+      val/loss is missing).
     """
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # i.e. not saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "last_global_step_saved": self._last_global_step_saved}

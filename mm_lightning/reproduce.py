@@ -1,0 +1,207 @@
+"""Reproduce the lecture's loss table: train each config with the real CLI, evaluate train and val over the whole
+splits (BatchNorm in eval mode, running statistics), and write a CSV and a Markdown table beside the lecture's.
+
+Run: python -m mm_lightning.reproduce configs/lecture/*.yaml [--out reproduce] [--jobs N] [--max_steps N]
+
+Runs go in parallel (one process each; on a GPU when there is one). A run that was interrupted continues from its
+last checkpoint (`fit --ckpt_path last`) and a finished one is not trained again, so the command can be re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mm_lightning.data import NamesDataModule
+from mm_lightning.errors import UsageError
+from mm_lightning.model import MLP, MLPConfig
+from mm_lightning.runs import load_checkpoint
+
+# makemore_part3_bn.ipynb's loss log, (train, val), as the lecture reports it
+LECTURE = {
+    "original": (2.1245, 2.1682),
+    "fix_softmax": (2.07, 2.13),
+    "fix_tanh": (2.0356, 2.1027),
+    "kaiming": (2.0377, 2.1070),
+    "batchnorm": (2.0668, 2.1048),
+}
+
+
+@dataclass
+class Result:
+    config: str
+    steps: int
+    initial_loss: float
+    train: float
+    val: float
+    lecture_train: float | None
+    lecture_val: float | None
+    minutes: float
+
+    @property
+    def deltas(self) -> tuple[float | None, float | None]:
+        if self.lecture_train is None:
+            return None, None
+        return self.train - self.lecture_train, self.val - self.lecture_val
+
+
+@torch.no_grad()
+def evaluate(checkpoint: Path, data_path: str | None = None) -> dict[str, float]:
+    """Loss over each whole split, the network in eval mode (BatchNorm uses its running statistics)."""
+    ckpt = load_checkpoint(checkpoint)
+    config = MLPConfig(**ckpt["hyper_parameters"]["net"])
+    net = MLP(config)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
+    net.eval()
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    dm = NamesDataModule(
+        path=data_path or data.get("path", "data/names.txt"),
+        block_size=config.block_size,
+        split_seed=data.get("split_seed", 42),
+    )
+    if dm.vocab != config.vocab:
+        raise UsageError(f"{checkpoint} was trained on another vocabulary than {dm.path}")
+    dm.setup()
+    losses = {}
+    for split in ("train", "val", "test"):
+        x, y = dm.splits[split]
+        total = sum(
+            F.cross_entropy(net(x[i : i + 32768]), y[i : i + 32768], reduction="sum").item()
+            for i in range(0, len(y), 32768)
+        )
+        losses[split] = total / len(y)
+    return losses
+
+
+def _fit_command(config: Path, root: Path, max_steps: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "mm_lightning.cli", "fit", "--config", str(config)]
+    cmd += ["--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false"]
+    if max_steps is not None:  # a shorter run: the learning-rate decay moves with it, keeping its shape
+        spec = yaml.safe_load(config.read_text()) or {}
+        full = (spec.get("trainer") or {}).get("max_steps", 200_000)
+        milestones = (spec.get("model") or {}).get("milestones", [150_000])
+        scaled = [max(1, round(m * max_steps / full)) for m in milestones]
+        cmd += ["--trainer.max_steps", str(max_steps), "--model.milestones", str(scaled)]
+    last = root / "lightning_logs"
+    if any(last.glob("version_*/checkpoints/last.ckpt")):
+        cmd += ["--ckpt_path", "last"]  # continue an interrupted run (a finished one stops at once)
+    return cmd
+
+
+def _initial_loss(run_dir: Path) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return next((e.value for e in acc.Scalars("train/loss") if e.step == 0), math.nan)
+
+
+def run(configs: list[Path], out: Path, jobs: int, max_steps: int | None, data_path: str | None) -> list[Result]:
+    out.mkdir(parents=True, exist_ok=True)
+    names = [c.stem for c in configs]
+    if len(set(names)) != len(names):
+        raise UsageError("two configs share a file name; their runs would share a directory")
+    env = dict(os.environ)
+    if jobs > 1 and not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = "1"  # one core per run: several runs in parallel without oversubscription
+    pending = list(zip(configs, names))
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    minutes: dict[str, float] = {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            config, name = pending.pop(0)
+            cmd = _fit_command(config, out / name, max_steps)
+            if data_path:
+                cmd += ["--data.path", data_path]
+            log = open(out / f"{name}.log", "a")  # noqa: SIM115 - closed with the process below
+            print(f"[reproduce] {name}: {' '.join(cmd[2:])}", flush=True)
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.monotonic())
+        time.sleep(1)
+        for name, (proc, start) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                minutes[name] = (time.monotonic() - start) / 60
+                if proc.returncode != 0:
+                    raise UsageError(f"training {name} failed (exit {proc.returncode}); see {out / (name + '.log')}")
+                print(f"[reproduce] {name}: done in {minutes[name]:.1f} min", flush=True)
+    results = []
+    for name in names:
+        runs = sorted(
+            (out / name / "lightning_logs").glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime_ns
+        )
+        last = runs[-1]
+        losses = evaluate(last, data_path)
+        lecture = LECTURE.get(name, (None, None))
+        steps = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+        results.append(
+            Result(
+                name,
+                steps,
+                _initial_loss(last.parent.parent),
+                losses["train"],
+                losses["val"],
+                *lecture,
+                round(minutes.get(name, 0.0), 1),
+            )
+        )
+    write_tables(results, out)
+    return results
+
+
+def write_tables(results: list[Result], out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        for r in results:
+            writer.writerow(asdict(r))
+    f4 = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    fd = lambda v: "" if v is None else f"{v:+.4f}"  # noqa: E731
+    lines = [
+        "| config | steps | loss at step 0 | train | val | lecture train | lecture val | Δ train | Δ val |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        dt, dv = r.deltas
+        lines.append(
+            f"| {r.config} | {r.steps} | {r.initial_loss:.4f} | {r.train:.4f} | {r.val:.4f} | {f4(r.lecture_train)} "
+            f"| {f4(r.lecture_val)} | {fd(dt)} | {fd(dv)} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mm_lightning.reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+", type=Path, help="YAML configs, e.g. configs/lecture/*.yaml")
+    parser.add_argument("--out", type=Path, default=Path("reproduce"), help="where runs and tables go")
+    parser.add_argument("--jobs", type=int, default=None, help="runs at once (default: one per CPU core)")
+    parser.add_argument("--max_steps", type=int, default=None, help="shorter runs; the LR decay is scaled along")
+    parser.add_argument("--data_path", default=None, help="names file (default: each config's data.path)")
+    a = parser.parse_args(argv)
+    try:
+        for c in a.configs:
+            if not c.is_file():
+                raise UsageError(f"config {c} does not exist")
+        if a.max_steps is not None and a.max_steps < 1:
+            raise UsageError(f"--max_steps must be at least 1, got {a.max_steps}")
+        jobs = a.jobs or max(1, min(len(a.configs), os.cpu_count() or 1))
+        run(a.configs, a.out, jobs, a.max_steps, a.data_path)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
