@@ -92,7 +92,6 @@ class MakemoreModule(L.LightningModule):
         self._last_val_loss: float | None = None
         self._optimizer_step = self._lightning_step  # chosen at train start, see needs_lightning_step
         self._grad_params: list[torch.Tensor] = []
-        self._ddp_model: DistributedDataParallel | None = None
         self._threads: tuple[int, int] | None = None  # (threads for training steps, threads to restore)
 
     @property
@@ -114,30 +113,32 @@ class MakemoreModule(L.LightningModule):
         if first_step != self.global_step:  # the stream and the trainer must agree, or resume is not exact
             raise RuntimeError(f"batch starts at step {first_step} but the trainer is at step {self.global_step}")
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        wrapper = self.trainer.strategy.model  # looked up per batch: kept as an attribute it would be a submodule
+        ddp = wrapper if isinstance(wrapper, DistributedDataParallel) else None
         values, first_loss = [], None
         for x, y in zip(xs, ys):
             loss = F.cross_entropy(self.net(x), y)
             value = loss.item()  # free on a CPU; on a GPU this is one sync per step
             if not math.isfinite(value):  # checked before the update, while the parameters that produced it exist
                 self._stop_non_finite(value, x)
-            self._optimizer_step(optimizer, loss)
+            self._optimizer_step(optimizer, loss, ddp)
             schedule.step()
             values.append(value)
             first_loss = loss.detach() if first_loss is None else first_loss
         self._log_losses(first_step, values)
         return {"loss": first_loss}  # the loss of the chunk's first step, the one callbacks sample
 
-    def _lightning_step(self, optimizer, loss: torch.Tensor) -> None:
+    def _lightning_step(self, optimizer, loss: torch.Tensor, ddp: DistributedDataParallel | None) -> None:
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         optimizer.step()
 
-    def _direct_step(self, optimizer, loss: torch.Tensor) -> None:
+    def _direct_step(self, optimizer, loss: torch.Tensor, ddp: DistributedDataParallel | None) -> None:
         """What _lightning_step does, minus the per-step callback hooks: same updates, same step counting."""
         for p in self._grad_params:  # zero_grad(set_to_none=True) without its ~70 us of profiler scope
             p.grad = None
-        if self._ddp_model is not None:
-            prepare_for_backward(self._ddp_model, loss)  # re-arm DDP's gradient all-reduce, as Lightning does
+        if ddp is not None:
+            prepare_for_backward(ddp, loss)  # re-arm DDP's gradient all-reduce, as Lightning's pre_backward does
         loss.backward()
         optimizer._on_before_step()  # the manual-optimization loop's own step counter (trainer.global_step)
         optimizer.optimizer.step()
@@ -211,8 +212,6 @@ class MakemoreModule(L.LightningModule):
         slow = needs_lightning_step(self.trainer, self)
         self._optimizer_step = self._lightning_step if slow else self._direct_step
         self._grad_params = [p for group in self.optimizers().param_groups for p in group["params"]]
-        model = self.trainer.strategy.model
-        self._ddp_model = model if isinstance(model, DistributedDataParallel) else None
         self._pick_cpu_threads()
         # a resumed run's TensorBoard purges everything from the checkpoint's step on (what a killed run logged
         # after it): put back the validation loss that was measured at that very step
@@ -238,6 +237,11 @@ class MakemoreModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._restore_threads()  # evaluating a whole split is large matmuls: all threads
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            # every rank evaluates the model rank 0 holds and checkpoints: without SyncBatchNorm, each rank's
+            # BatchNorm running statistics have followed its own minibatches since DDP last broadcast them
+            for buffer in self.net.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def on_validation_end(self) -> None:
         if self._threads is not None:  # set between train start and end only: back to training
@@ -258,7 +262,8 @@ class MakemoreModule(L.LightningModule):
         self.val_loss.reset()
         if not torch.isfinite(value) and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self._stop_non_finite_validation(value.item())
-        self.log("val/loss", value, prog_bar=True, logger=False)  # for ModelCheckpoint and the progress bar
+        # already global (torchmetrics syncs it); sync_dist only keeps Lightning from warning under DDP
+        self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=True)  # for ModelCheckpoint, the bar
         if not self.trainer.sanity_checking:
             self._last_val_loss = value.item()
             self._log_to_loggers({"val/loss": self._last_val_loss}, self.global_step)

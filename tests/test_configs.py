@@ -39,3 +39,27 @@ def test_config_is_documented_and_fits_a_few_steps(path: Path, project, monkeypa
     tags = scalars(run)
     assert [s for s, _ in tags["val/loss"]] == [10, 20]
     assert all(v == v for _, v in tags["train/loss"])  # finite (NaN != NaN)
+
+
+LECTURE = sorted((ROOT / "configs" / "lecture").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", LECTURE, ids=[p.stem for p in LECTURE])
+def test_loss_at_step_0_tells_the_lectures_story(path: Path, project, monkeypatch):
+    """original: confidently wrong, far above ln(27); every fixed init: within 0.15 of it."""
+    import math
+
+    monkeypatch.chdir(project)
+    args = ["fit", "--config", str(path), "--trainer.max_steps", "1", "--trainer.default_root_dir", "out"]
+    assert main([*args, "--trainer.enable_model_summary", "false", "--diagnostics.every_n_steps", "0"]) == 0
+    loss0 = dict(scalars(project / "out" / "lightning_logs" / "version_0")["train/loss"])[0]  # step 0 alone
+    if path.stem == "original":
+        assert loss0 > 15, loss0
+    else:
+        assert abs(loss0 - math.log(27)) < 0.15, loss0
+
+
+def test_every_lecture_step_has_a_config():
+    names = {p.stem for p in LECTURE}
+    assert {"original", "fix_softmax", "fix_tanh", "kaiming", "batchnorm"} <= names
+    assert {"deep_bn", "deep_nobn_gain1", "deep_nobn", "deep_nobn_gain3", "deep_bn_gain1", "deep_bn_gain3"} <= names

@@ -58,15 +58,17 @@ class TrainingDiagnostics(Callback):
             saturation_threshold: |t| above which a bounded activation's output counts as saturated.
             histogram_bins: bins of every histogram (computed on the device).
             histograms_every_n_steps: log histograms at step 0 and every this many steps (a multiple of
-                every_n_steps; TensorBoard keeps 500 samples per histogram tag anyway).
-            figures_every_n_steps: draw the four lecture figures at step 0, every this many steps (a multiple of
-                histograms_every_n_steps; 0: only at step 0 and the end) and at the end.
+                every_n_steps; 0: none; TensorBoard keeps 500 samples per histogram tag anyway).
+            figures_every_n_steps: draw the four lecture figures at step 0, every this many steps and at the end
+                (a multiple of histograms_every_n_steps; 0: none).
             expected_initial_loss: loss expected at step 0; default ln(classes) where the module has num_classes.
             health: thresholds of the verdicts.
         """
         super().__init__()
         if every_n_steps < 0:
             raise UsageError(f"--diagnostics.every_n_steps must be 0 (off) or more, got {every_n_steps}")
+        if figures_every_n_steps and not histograms_every_n_steps:
+            raise UsageError("--diagnostics.figures_every_n_steps needs histograms: set histograms_every_n_steps too")
         for name, value, base, base_name in [
             ("histograms_every_n_steps", histograms_every_n_steps, every_n_steps, "every_n_steps"),
             ("figures_every_n_steps", figures_every_n_steps, histograms_every_n_steps, "histograms_every_n_steps"),
@@ -225,7 +227,7 @@ class TrainingDiagnostics(Callback):
             _merge(self._params),
             self.saturation_threshold,
             self.bins,
-            histograms=step == 0 or bool(self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0),
+            histograms=bool(self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0),
             reduce=reduce,
         )
         self._sampling, self._layers, self._params, self._before = None, [], [], {}
@@ -252,7 +254,7 @@ class TrainingDiagnostics(Callback):
         self._log(trainer, s, verdicts)
         if s.has_histograms:
             self._last_drawable = s
-            if s.step == 0 or (self.figures_every_n_steps and s.step % self.figures_every_n_steps == 0):
+            if self.figures_every_n_steps and s.step % self.figures_every_n_steps == 0:  # step 0 included
                 self._log_figures(trainer, s)
 
     def _log(self, trainer: L.Trainer, s: Snapshot, verdicts: list[Verdict]) -> None:
@@ -311,7 +313,7 @@ class TrainingDiagnostics(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         s = self._last_drawable
-        if trainer.is_global_zero and s is not None and s.step != self._last_drawn:
+        if self.figures_every_n_steps and trainer.is_global_zero and s is not None and s.step != self._last_drawn:
             self._log_figures(trainer, s)  # the figures of the last step with histograms
         self._collect_figures(trainer, wait=120.0, close=True)
 

@@ -1,0 +1,225 @@
+"""Benchmark: this project's `fit` against the lecture's own training loop, in one process, on the same data and
+model. Machines like this one drift by several percent over minutes, so each repeat runs every variant back to
+back, ratios are taken within a repeat (variants that ran minutes apart are never compared), and the median of
+the per-repeat ratios is reported, with the median steps/s.
+
+Run: python -m mm_lightning.bench [--steps 20000] [--repeats 3] [--device cpu|cuda] [--sizes small,wide]
+
+Rows:
+- lecture loop: makemore part 3's loop (torch.randint minibatch, forward, p.grad = None, backward,
+  p.data += -lr * p.grad), PyTorch's default thread count;
+- lecture loop, 1 thread: the same loop with the one-thread setting fit picks for small models (for honesty);
+- fit: `python -m mm_lightning.cli fit` with its defaults (progress bar, diagnostics every 100 steps,
+  validation and checkpoints every epoch), timed from train start to train end;
+- fit, no diagnostics: the same with --diagnostics.every_n_steps 0 (so the diagnostics' cost is the ratio);
+- eval: one pass over the whole val split with BatchNorm in eval mode, in examples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from mm_lightning.data import NamesDataModule
+from mm_lightning.model import MLP, MLPConfig
+
+SIZES = {  # name: (batch size, hidden width, steps for a measurement)
+    "small": (32, 100, None),  # the lecture's: --steps
+    "wide": (4096, 1024, 60),  # how the cost grows: large matmuls, where threads and GPUs pay off
+}
+
+
+class Stopwatch(L.Callback):
+    """Times the training itself: from the first training hook to the last (no imports, no data building)."""
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.steps = trainer.global_step
+
+
+def lecture_loop(x, y, config: MLPConfig, batch_size: int, steps: int, device: str, threads: int | None) -> float:
+    """The lecture's loop on the lecture's model, as nn modules; returns steps/s."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(42)
+        net = MLP(config).to(device)
+        params = list(net.parameters())
+        x, y = x.to(device), y.to(device)
+        g = torch.Generator(device=device).manual_seed(2147483647)
+        warmup = 20
+        for i in range(steps + warmup):
+            if i == warmup:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            ix = torch.randint(0, x.shape[0], (batch_size,), generator=g, device=device)
+            loss = F.cross_entropy(net(x[ix]), y[ix])
+            for p in params:
+                p.grad = None
+            loss.backward()
+            lr = 0.1 if i < 150000 else 0.01
+            for p in params:
+                p.data += -lr * p.grad
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return steps / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def fit_path(
+    batch_size: int, hidden: int, steps: int, device: str, data_path: str, diagnostics: bool, extra: tuple = ()
+) -> float:
+    """This project's fit through its CLI (in this process), default settings; returns steps/s."""
+    from mm_lightning.cli import MakemoreCLI
+
+    with tempfile.TemporaryDirectory() as root:
+        args = ["fit", "--trainer.max_steps", str(steps), "--trainer.default_root_dir", root]
+        args += ["--data.path", data_path, "--data.batch_size", str(batch_size), "--model.net.n_hidden", str(hidden)]
+        args += ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1"]
+        args += ["--trainer.enable_model_summary", "false", "--trainer.callbacks+=mm_lightning.bench.Stopwatch"]
+        if not diagnostics:
+            args += ["--diagnostics.every_n_steps", "0"]
+        args += list(extra)
+        cli = MakemoreCLI(args)
+        from mm_lightning import bench  # the class the CLI instantiated (this file may be running as __main__)
+
+        watch = next(cb for cb in cli.trainer.callbacks if isinstance(cb, bench.Stopwatch))
+        return watch.steps / watch.seconds
+
+
+@torch.no_grad()
+def eval_throughput(x, y, config: MLPConfig, device: str, repeats: int = 5) -> float:
+    net = MLP(config).to(device).eval()
+    x, y = x.to(device), y.to(device)
+    times = []
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        F.cross_entropy(net(x), y).item()
+        times.append(time.perf_counter() - start)
+    return len(y) / statistics.median(times[1:])
+
+
+def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str) -> list[dict]:
+    from mm_lightning.cli import _quiet_noise
+    from mm_lightning.diagnostics import tbwrite
+
+    _quiet_noise()
+    tbwrite.speed_up()  # as `python -m mm_lightning.cli` does
+    dm = NamesDataModule(path=data_path)
+    dm.setup()
+    (xtr, ytr), (xva, yva) = dm.splits["train"], dm.splits["val"]
+    rows = []
+    for size in sizes:
+        batch, hidden, size_steps = SIZES[size]
+        n = size_steps or steps
+        config = MLPConfig(vocab=dm.vocab, n_hidden=hidden)
+        runs = {
+            "lecture loop": partial(lecture_loop, xtr, ytr, config, batch, n, device, None),
+            "lecture loop, 1 thread": partial(lecture_loop, xtr, ytr, config, batch, n, device, 1),
+            "fit (defaults)": partial(fit_path, batch, hidden, n, device, data_path, True),
+            "fit, no diagnostics": partial(fit_path, batch, hidden, n, device, data_path, False),
+        }
+        if device == "cuda":
+            del runs["lecture loop, 1 thread"]
+        measured: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(repeats):  # interleaved, so that slow phases of the machine hit every row alike
+            for name, fn in runs.items():
+                measured[name].append(fn())
+                print(f"  [{size} {r + 1}/{repeats}] {name}: {measured[name][-1]:,.0f} steps/s", file=sys.stderr)
+        median = {name: statistics.median(v) for name, v in measured.items()}
+        row = {"size": size, "batch": batch, "hidden": hidden, "device": device, "steps": n}
+        for name, value in median.items():
+            spread = (max(measured[name]) - min(measured[name])) / value
+            rows.append(
+                {
+                    **row,
+                    "what": name,
+                    "steps_per_s": value,
+                    "vs_lecture_loop": value / median["lecture loop"],
+                    "spread": spread,
+                }
+            )
+        cost = median["fit, no diagnostics"] / median["fit (defaults)"] - 1
+        rows.append({**row, "what": "diagnostics cost", "steps_per_s": None, "vs_lecture_loop": cost, "spread": None})
+        speed = eval_throughput(xva, yva, config, device)
+        rows.append(
+            {
+                **row,
+                "batch": None,
+                "what": "eval, whole val split",
+                "steps": len(yva),
+                "steps_per_s": speed,
+                "vs_lecture_loop": None,
+                "spread": None,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| size | device | what | steps/s | vs lecture loop | spread |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        size = f"{r['size']} (batch {r['batch']}, width {r['hidden']})" if r["batch"] else r["size"]
+        if r["what"].startswith("eval"):
+            speed, ratio, spread = f"{r['steps_per_s']:,.0f} examples/s", "", ""
+        elif r["steps_per_s"] is None:
+            speed, ratio, spread = "", f"{100 * r['vs_lecture_loop']:+.1f}%", f"{100 * r['spread']:.1f} pts"
+        else:
+            speed = f"{r['steps_per_s']:,.0f}" if r["steps_per_s"] >= 100 else f"{r['steps_per_s']:.2f}"
+            ratio, spread = f"{r['vs_lecture_loop']:.2f}x", f"{r['spread']:.2f}"
+        lines.append(f"| {size} | {r['device']} | {r['what']} | {speed} | {ratio} | {spread} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mm_lightning.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps per measurement (small size)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of every variant; medians are reported")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sizes", default="small,wide", help=f"comma-separated, of {', '.join(SIZES)}")
+    p.add_argument("--data_path", default="data/names.txt")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    a = p.parse_args(argv)
+    sizes = [s for s in a.sizes.split(",") if s]
+    if unknown := [s for s in sizes if s not in SIZES]:
+        p.error(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    rows = run(a.steps, a.repeats, a.device, sizes, a.data_path)
+    hardware = f"{a.device}: " + (
+        torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} threads"
+    )
+    print(f"\n{hardware}, torch {torch.__version__}, {a.repeats} repeats")
+    print(format_table(rows))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
