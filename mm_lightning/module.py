@@ -90,6 +90,7 @@ class MakemoreModule(L.LightningModule):
         self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         self._loss_window: list[float] = []  # losses since train/loss was last logged
         self._last_val_loss: float | None = None
+        self._checkpoint_step = 0  # the step of the checkpoint loaded (evaluation restores no loop state)
         self._optimizer_step = self._lightning_step  # chosen at train start, see needs_lightning_step
         self._grad_params: list[torch.Tensor] = []
         self._threads: tuple[int, int] | None = None  # (threads for training steps, threads to restore)
@@ -207,6 +208,11 @@ class MakemoreModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._loss_window = list(checkpoint.get("loss_window", []))
         self._last_val_loss = checkpoint.get("last_val_loss")
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
+
+    def _evaluated_step(self) -> int:
+        """The step a validation or test result belongs to: the trainer's while fitting, else the checkpoint's."""
+        return self.global_step if self.trainer.state.fn == "fit" else self._checkpoint_step
 
     def on_train_start(self) -> None:
         slow = needs_lightning_step(self.trainer, self)
@@ -262,11 +268,9 @@ class MakemoreModule(L.LightningModule):
         self.val_loss.reset()
         if not torch.isfinite(value) and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self._stop_non_finite_validation(value.item())
-        # already global (torchmetrics syncs it); sync_dist only keeps Lightning from warning under DDP
-        self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=True)  # for ModelCheckpoint, the bar
+        self._log_evaluation("val/loss", value)
         if not self.trainer.sanity_checking:
             self._last_val_loss = value.item()
-            self._log_to_loggers({"val/loss": self._last_val_loss}, self.global_step)
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
@@ -275,8 +279,17 @@ class MakemoreModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         value = self.test_loss.compute()
         self.test_loss.reset()
-        self.log("test/loss", value)
-        self._log_to_loggers({"test/loss": value.item()}, self.global_step)
+        self._log_evaluation("test/loss", value)
+
+    def _log_evaluation(self, name: str, value: torch.Tensor) -> None:
+        """Log through Lightning (loggers, printed table, what trainer.validate/test return) at the right step.
+
+        Lightning would put evaluation results at its count of batches, which is not the optimizer step here
+        (K steps per batch), and at 0 for `validate`/`test` from a checkpoint: a logged "step" is Lightning's
+        own way to set the x-axis. The value is already global (torchmetrics syncs it); sync_dist only keeps
+        Lightning from warning under DDP."""
+        self.log(name, value, prog_bar=name == "val/loss", sync_dist=True)
+        self.log("step", float(self._evaluated_step()), sync_dist=True)
 
     # ----------------------------------------------------------------------------------------------- sampling
 

@@ -160,6 +160,8 @@ def run(configs: list[Path], out: Path, jobs: int, max_steps: int | None, data_p
 
 
 def write_tables(results: list[Result], out: Path) -> None:
+    order = list(LECTURE)  # the lecture's steps in the lecture's order, then the rest as given
+    results = sorted(results, key=lambda r: order.index(r.config) if r.config in order else len(order))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
         writer.writeheader()

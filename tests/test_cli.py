@@ -75,6 +75,9 @@ def test_sample_predict_and_test_from_the_checkpoint(trained):
     tested = run_cli(["test", "--ckpt_path", "last", "--trainer.default_root_dir", root], cwd=project)
     assert "test/loss" in tested.stdout
     assert sorted(p.name for p in (trained["root"] / "lightning_logs").iterdir()) == ["version_0"]
+    points = scalars(trained["run_dir"])["test/loss"]
+    assert [s for s, _ in points] == [400]  # once, at the step of the checkpoint it evaluated
+    assert f"{points[0][1]:.4f}"[:4] in tested.stdout
 
 
 def test_resume_with_nothing_to_resume_fails_without_training(project):
