@@ -1,0 +1,38 @@
+"""The benchmark command end to end, at a tiny size: it runs every variant and prints the table it promises."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_bench_prints_per_repeat_ratios_and_writes_json(tmp_path, names_file):
+    out = tmp_path / "bench.json"
+    args = ["--steps", "30", "--repeats", "2", "--sizes", "small", "--data_path", str(names_file), "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mm_lightning.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["what"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {
+        "lecture loop",
+        "lecture loop, 1 thread",
+        "fit (defaults)",
+        "fit, no diagnostics",
+        "diagnostics cost",
+        "eval, whole val split",
+    }
+    assert rows["lecture loop"]["ratio"] == 1.0 and rows["lecture loop"]["spread"] == 0.0
+    fit = rows["fit (defaults)"]
+    assert fit["steps_per_s"] > 0 and len(fit["per_repeat"]) == 2 and fit["ratio"] > 0
+    assert rows["eval, whole val split"]["steps"] == 22655  # examples, the whole split
+    for what in rows:
+        assert f"| {what} |" in proc.stdout
+
+
+def test_bench_refuses_an_unknown_size():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mm_lightning.bench", "--sizes", "huge"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "unknown size 'huge'" in proc.stderr
