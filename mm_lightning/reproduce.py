@@ -26,7 +26,7 @@ import yaml
 from mm_lightning.data import NamesDataModule
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig
-from mm_lightning.runs import load_checkpoint
+from mm_lightning.runs import find_last, load_checkpoint
 
 # makemore_part3_bn.ipynb's loss log, (train, val), as the lecture reports it
 LECTURE = {
@@ -57,8 +57,9 @@ class Result:
 
 
 @torch.no_grad()
-def evaluate(checkpoint: Path, data_path: str | None = None) -> dict[str, float]:
-    """Loss over each whole split, the network in eval mode (BatchNorm uses its running statistics)."""
+def evaluate(checkpoint: Path, data_path: str | None = None) -> tuple[int, dict[str, float]]:
+    """The checkpoint's step, and the loss over each whole split, the network in eval mode (BatchNorm uses its
+    running statistics)."""
     ckpt = load_checkpoint(checkpoint)
     config = MLPConfig(**ckpt["hyper_parameters"]["net"])
     net = MLP(config)
@@ -81,7 +82,7 @@ def evaluate(checkpoint: Path, data_path: str | None = None) -> dict[str, float]
             for i in range(0, len(y), 32768)
         )
         losses[split] = total / len(y)
-    return losses
+    return int(ckpt["global_step"]), losses
 
 
 def _fit_command(config: Path, root: Path, max_steps: int | None) -> list[str]:
@@ -137,13 +138,9 @@ def run(configs: list[Path], out: Path, jobs: int, max_steps: int | None, data_p
                 print(f"[reproduce] {name}: done in {minutes[name]:.1f} min", flush=True)
     results = []
     for name in names:
-        runs = sorted(
-            (out / name / "lightning_logs").glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime_ns
-        )
-        last = runs[-1]
-        losses = evaluate(last, data_path)
+        last = find_last(out / name / "lightning_logs")
+        steps, losses = evaluate(last, data_path)
         lecture = LECTURE.get(name, (None, None))
-        steps = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
         results.append(
             Result(
                 name,

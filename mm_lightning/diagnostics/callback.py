@@ -172,9 +172,9 @@ class TrainingDiagnostics(Callback):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         order = sorted(range(len(params)), key=lambda i: tuple(params[i].shape))  # equal shapes side by side:
         params = [params[i] for i in order]  # summarize reduces each run of them at once
-        cached = self._buffers.get(id(optimizer))
-        if cached is None or cached[0].shape[1] != sum(p.numel() for p in params):
-            rows = torch.empty(3, sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        cached, numel = self._buffers.get(id(optimizer)), sum(p.numel() for p in params)
+        if cached is None or cached[0].shape[1] != numel:
+            rows = torch.empty(3, numel, dtype=params[0].dtype, device=params[0].device)
             names = [self._param_names.get(id(p), f"param_{i}") for i, p in zip(order, params)]
             cached = self._buffers[id(optimizer)] = (rows, names, [tuple(p.shape) for p in params], order)
         return params, *cached

@@ -36,43 +36,45 @@ def _density(h: Histogram) -> list[float]:
     return [c / total / width for c in h.counts]
 
 
-def activations(s: Snapshot) -> Figure:
-    """Figure 1: distribution of each watched layer's output, with mean, std and saturation in the legend."""
+def _distributions(title: str, curves: list[tuple[Histogram, str]]) -> Figure:
+    """One density curve per (histogram, legend label), as the lecture's distribution plots."""
     fig, ax = _figure()
-    for x in s.layers:
-        sat = "" if x.saturation is None else f", saturated {100 * x.saturation:.2f}%"
-        ax.plot(
-            x.hist.centers, _density(x.hist), label=f"{x.name} ({x.kind}): mean {x.mean:+.2f}, std {x.std:.2f}{sat}"
-        )
-    ax.set_title(f"activation distribution (step {s.step})")
+    for hist, label in curves:
+        ax.plot(hist.centers, _density(hist), label=label)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     return fig
+
+
+def activations(s: Snapshot) -> Figure:
+    """Figure 1: distribution of each watched layer's output, with mean, std and saturation in the legend."""
+    curves = []
+    for x in s.layers:
+        sat = "" if x.saturation is None else f", saturated {100 * x.saturation:.2f}%"
+        curves.append((x.hist, f"{x.name} ({x.kind}): mean {x.mean:+.2f}, std {x.std:.2f}{sat}"))
+    return _distributions(f"activation distribution (step {s.step})", curves)
 
 
 def gradients(s: Snapshot) -> Figure:
     """Figure 2: distribution of the gradient of the loss with respect to each watched layer's output."""
-    fig, ax = _figure()
-    for x in s.layers:
-        if x.grad_hist is not None:
-            label = f"{x.name} ({x.kind}): mean {x.grad_mean:+.2e}, std {x.grad_std:.2e}"
-            ax.plot(x.grad_hist.centers, _density(x.grad_hist), label=label)
-    ax.set_title(f"gradient distribution (step {s.step})")
-    ax.legend(fontsize=7)
-    return fig
+    curves = [
+        (x.grad_hist, f"{x.name} ({x.kind}): mean {x.grad_mean:+.2e}, std {x.grad_std:.2e}")
+        for x in s.layers
+        if x.grad_hist is not None
+    ]
+    return _distributions(f"gradient distribution (step {s.step})", curves)
 
 
 def weight_gradients(s: Snapshot) -> Figure:
     """Figure 3: distribution of each weight's gradient, with the grad:data ratio in the legend."""
-    fig, ax = _figure()
+    curves = []
     for p in s.weights:
         if p.grad_hist is not None:
             shape = "x".join(map(str, p.shape))
             ratio = "n/a" if p.grad_data_ratio is None else f"{p.grad_data_ratio:.2e}"
             label = f"{p.name} {shape}: mean {p.grad_mean:+.2e}, std {p.grad_std:.2e}, grad:data {ratio}"
-            ax.plot(p.grad_hist.centers, _density(p.grad_hist), label=label)
-    ax.set_title(f"weight gradient distribution (step {s.step})")
-    ax.legend(fontsize=7)
-    return fig
+            curves.append((p.grad_hist, label))
+    return _distributions(f"weight gradient distribution (step {s.step})", curves)
 
 
 def update_ratios(history: dict[str, list[tuple[int, float]]], step: int) -> Figure:

@@ -143,11 +143,15 @@ class _Layers:
             groups.setdefault((tuple(x.output.shape), self.bounds[i]), []).append(i)
         self.groups = list(groups.values())
         self.with_grad = [i for i, x in enumerate(layers) if x.grad is not None]
+        self._stacks: dict[tuple, torch.Tensor] = {}  # made once, read by every round of statistics
 
     def _stack(self, idx: list[int], grads: bool = False) -> torch.Tensor:
-        ts = [(self.layers[i].grad if grads else self.layers[i].output).detach() for i in idx]
-        units = ts[0].shape[-1] if ts[0].dim() > 1 else 1
-        return torch.stack(ts).reshape(len(ts), -1, units)  # (layers, examples, units)
+        key = (tuple(idx), grads)
+        if key not in self._stacks:
+            ts = [(self.layers[i].grad if grads else self.layers[i].output).detach() for i in idx]
+            units = ts[0].shape[-1] if ts[0].dim() > 1 else 1
+            self._stacks[key] = torch.stack(ts).reshape(len(ts), -1, units)  # (layers, examples, units)
+        return self._stacks[key]
 
     def collect(self, p: _Packer, robust: bool = False) -> None:
         self.h = []
@@ -159,12 +163,7 @@ class _Layers:
                 sat = (x * bounds[0] + bounds[1]).abs() > self.threshold
                 h["n"], h["all"] = p.add("sum", sat.sum((1, 2))), p.add("min", sat.all(1))  # all: every example
             self.h.append(h)
-        self.hg = []
-        grad_groups: dict[tuple, list[int]] = {}
-        for i in self.with_grad:
-            grad_groups.setdefault(tuple(self.layers[i].grad.shape), []).append(i)
-        for idx in grad_groups.values():
-            self.hg.append((idx, p.add("sum", _moments(self._stack(idx, grads=True), robust))))
+        self.hg = [(idx, p.add("sum", _moments(self._stack(idx, grads=True), robust))) for idx in self._grad_groups()]
 
     def stats(self, get) -> list[LayerStats]:
         out: list[LayerStats | None] = [None] * len(self.layers)
@@ -324,22 +323,22 @@ def summarize(
     """One sampled step's captured tensors as numbers. reduce all-reduces across processes (DDP), or is None."""
     lay = _Layers(layers, saturation_threshold) if layers else None
     par = _Params(params) if params is not None else None
-    shared, local = _Packer(), _Packer()  # reduced across processes / the same on every process
-    loss_h = None
-    if loss is not None:
-        one = torch.ones((), dtype=torch.float64, device=loss.device)
-        loss_h = shared.add("sum", torch.stack([loss.detach().to(torch.float64).reshape(()), one]))
-    for part, packer in ((lay, shared), (par, local)):
-        if part is not None:
-            part.collect(packer)
-    get, get_local = shared.resolve(reduce), local.resolve(None)
-    if not (shared.all_finite() and local.all_finite()):  # a NaN/Inf somewhere: sums that skip and count them
-        shared, local = _Packer(), _Packer()
-        loss_h = shared.add("sum", torch.stack([loss.detach().to(torch.float64).reshape(()), one])) if loss_h else None
+
+    def first_round(robust: bool):
+        shared, local = _Packer(), _Packer()  # reduced across processes / the same on every process
+        loss_h = None
+        if loss is not None:
+            one = torch.ones((), dtype=torch.float64, device=loss.device)
+            loss_h = shared.add("sum", torch.stack([loss.detach().to(torch.float64).reshape(()), one]))
         for part, packer in ((lay, shared), (par, local)):
             if part is not None:
-                part.collect(packer, robust=True)
+                part.collect(packer, robust=robust)
         get, get_local = shared.resolve(reduce), local.resolve(None)
+        return loss_h, get, get_local, shared.all_finite() and local.all_finite()
+
+    loss_h, get, get_local, finite = first_round(robust=False)
+    if not finite:  # a NaN/Inf somewhere: again, with sums that skip and count them
+        loss_h, get, get_local, _ = first_round(robust=True)
     snapshot = Snapshot(step=step, loss=None)
     if loss_h is not None:
         total, count = get(loss_h)
