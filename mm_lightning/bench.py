@@ -10,9 +10,14 @@ Rows:
 - lecture loop: makemore part 3's loop (torch.randint minibatch, forward, p.grad = None, backward,
   p.data += -lr * p.grad), PyTorch's default thread count;
 - lecture loop, 1 thread: the same loop with the one-thread setting fit picks for small models (for honesty);
+- one CUDA graph per step (GPU only): the lecture's whole step (minibatch draw, forward, backward, SGD)
+  captured once and replayed, no Python per step: a floor that fit's GPU path is measured against;
 - fit: `python -m mm_lightning.cli fit` with its defaults (progress bar, diagnostics every 100 steps,
-  validation and checkpoints every epoch), timed from train start to train end;
+  validation and checkpoints every epoch), timed in its steady state (after a tenth of the steps, as the lecture
+  loop after its warm-up); what a run pays once (step 0's diagnostics and figures, the last validation, checkpoint
+  and figures) is the "one-off s" column: over a 200000-step run it is spread over 20x more steps than here;
 - fit, no diagnostics: the same with --diagnostics.every_n_steps 0 (so the diagnostics' cost is the ratio);
+- fit, eager steps (GPU only): fit with --model.cuda_graph false, every step launched op by op;
 - eval: one pass over the whole val split with BatchNorm in eval mode, in examples/s.
 """
 
@@ -41,18 +46,34 @@ SIZES = {  # name: (batch size, hidden width, steps for a measurement)
 
 
 class Stopwatch(L.Callback):
-    """Times the training itself: from the first training hook to the last (no imports, no data building)."""
+    """Times fit's steady state: from the batch at step `warm_up` to the end of the last batch (as the lecture loop
+    is timed after its warm-up). What a run pays once on top (step 0's diagnostics and figures, the figure worker's
+    start, the final validation, checkpoint and figures) is kept apart: `one_off` seconds."""
+
+    def __init__(self, warm_up: int = 0):
+        self.warm_up = warm_up
+
+    def _now(self, trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_train_start(self, trainer, pl_module):
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        self.start = time.perf_counter()
+        self.start = self._now(trainer)
+        self.warm = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.warm is None and trainer.global_step >= self.warm_up:
+            self.warm, self.warm_step = self._now(trainer), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.last = self._now(trainer)
 
     def on_train_end(self, trainer, pl_module):
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start
-        self.steps = trainer.global_step
+        end = self._now(trainer)
+        self.steps = trainer.global_step - self.warm_step
+        self.steps_per_s = self.steps / (self.last - self.warm)
+        self.one_off = (end - self.start) - trainer.global_step / self.steps_per_s  # beyond the steady rate
 
 
 def lecture_loop(x, y, config: MLPConfig, batch_size: int, steps: int, device: str, threads: int | None) -> float:
@@ -87,17 +108,53 @@ def lecture_loop(x, y, config: MLPConfig, batch_size: int, steps: int, device: s
         torch.set_num_threads(previous)
 
 
+def graph_floor(x, y, config: MLPConfig, batch_size: int, steps: int, device: str) -> float:
+    """The lecture's step as one CUDA graph, replayed `steps` times back to back; returns steps/s."""
+    torch.manual_seed(42)
+    net = MLP(config).to(device)
+    params = list(net.parameters())
+    x, y = x.to(device), y.to(device)
+
+    def step():
+        ix = torch.randint(0, x.shape[0], (batch_size,), device=device)  # graph-safe: philox offsets
+        loss = F.cross_entropy(net(x[ix]), y[ix])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=-0.1)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
 def fit_path(
     batch_size: int, hidden: int, steps: int, device: str, data_path: str, diagnostics: bool, extra: tuple = ()
-) -> float:
-    """This project's fit through its CLI (in this process), default settings; returns steps/s."""
+) -> tuple[float, float]:
+    """This project's fit through its CLI (in this process), default settings; returns (steady steps/s, one-off s).
+    The steady window starts after a tenth of the steps (a multiple of 100, so it holds whole diagnostics periods)."""
     from mm_lightning.cli import MakemoreCLI
 
+    warm_up = steps // 10 // 100 * 100
     with tempfile.TemporaryDirectory() as root:
         args = ["fit", "--trainer.max_steps", str(steps), "--trainer.default_root_dir", root]
         args += ["--data.path", data_path, "--data.batch_size", str(batch_size), "--model.net.n_hidden", str(hidden)]
         args += ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1"]
-        args += ["--trainer.enable_model_summary", "false", "--trainer.callbacks+=mm_lightning.bench.Stopwatch"]
+        args += ["--trainer.enable_model_summary", "false"]
+        args += ["--trainer.callbacks+=mm_lightning.bench.Stopwatch", "--trainer.callbacks.warm_up", str(warm_up)]
         if not diagnostics:
             args += ["--diagnostics.every_n_steps", "0"]
         args += list(extra)
@@ -105,7 +162,7 @@ def fit_path(
         from mm_lightning import bench  # the class the CLI instantiated (this file may be running as __main__)
 
         watch = next(cb for cb in cli.trainer.callbacks if isinstance(cb, bench.Stopwatch))
-        return watch.steps / watch.seconds
+        return watch.steps_per_s, watch.one_off
 
 
 @torch.no_grad()
@@ -144,18 +201,30 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str)
         }
         if device == "cuda":
             del runs["lecture loop, 1 thread"]
+            runs["one CUDA graph per step"] = partial(graph_floor, xtr, ytr, config, batch, n, device)
+            eager = ("--model.cuda_graph", "false")  # what the CUDA graph buys, within fit
+            runs["fit, eager steps"] = partial(fit_path, batch, hidden, n, device, data_path, True, eager)
         measured: dict[str, list[float]] = {name: [] for name in runs}
+        one_off: dict[str, list[float]] = {}
         for r in range(repeats):  # interleaved, so that slow phases of the machine hit every row alike, and in
             order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternating order: no seat is favoured
             for name in order:
-                fn = runs[name]
-                measured[name].append(fn())
-                print(f"  [{size} {r + 1}/{repeats}] {name}: {_speed(measured[name][-1])} steps/s", file=sys.stderr)
+                result = runs[name]()
+                if isinstance(result, tuple):  # fit: (steady steps/s, one-off seconds)
+                    result, seconds = result
+                    one_off.setdefault(name, []).append(seconds)
+                measured[name].append(result)
+                print(f"  [{size} {r + 1}/{repeats}] {name}: {_speed(result)} steps/s", file=sys.stderr)
         row = {"size": size, "batch": batch, "hidden": hidden, "device": device, "steps": n}
         lecture = measured["lecture loop"]
+        floor = measured.get("one CUDA graph per step")
         for name, values in measured.items():
             ratios = [v / base for v, base in zip(values, lecture)]  # within a repeat only
             rows.append({**row, "what": name, "steps_per_s": statistics.median(values), **_median_spread(ratios)})
+            if floor:
+                rows[-1]["vs_floor"] = statistics.median(v / f for v, f in zip(values, floor))
+            if name in one_off:
+                rows[-1]["one_off_s"] = statistics.median(one_off[name])
         costs = [off / on - 1 for on, off in zip(measured["fit (defaults)"], measured["fit, no diagnostics"])]
         rows.append({**row, "what": "diagnostics cost", "steps_per_s": None, **_median_spread(costs)})
         speed = eval_throughput(xva, yva, config, device)
@@ -184,8 +253,8 @@ def _speed(steps_per_s: float) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| size | device | what | steps/s | vs lecture loop | spread |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| size | device | what | steps/s | vs lecture loop | spread | vs CUDA-graph floor | one-off s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         size = f"{r['size']} (batch {r['batch']}, width {r['hidden']})" if r["batch"] else r["size"]
@@ -195,7 +264,9 @@ def format_table(rows: list[dict]) -> str:
             speed, ratio, spread = "", f"{100 * r['ratio']:+.1f}% time", f"{100 * r['spread']:.1f} pts"
         else:
             speed, ratio, spread = _speed(r["steps_per_s"]), f"{r['ratio']:.2f}x", f"{r['spread']:.2f}"
-        lines.append(f"| {size} | {r['device']} | {r['what']} | {speed} | {ratio} | {spread} |")
+        floor = f"{r['vs_floor']:.2f}x" if r.get("vs_floor") is not None else ""
+        once = f"{r['one_off_s']:.2f}" if r.get("one_off_s") is not None else ""
+        lines.append(f"| {size} | {r['device']} | {r['what']} | {speed} | {ratio} | {spread} | {floor} | {once} |")
     return "\n".join(lines)
 
 

@@ -19,11 +19,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from mm_lightning.diagnostics.stats import first_nonfinite_module
 from mm_lightning.errors import UsageError
+from mm_lightning.graphed import GraphedSGDStep, can_graph, observed
 from mm_lightning.model import MLP, MLPConfig, generate
 
 # Lightning callbacks that run inside every optimizer step when it is driven through Lightning's wrappers
@@ -66,6 +68,7 @@ class MakemoreModule(L.LightningModule):
         lr: float = 0.1,
         milestones: list[int] = [150_000],
         lr_decay: float = 0.1,
+        cuda_graph: bool = True,
     ):
         """
         Args:
@@ -73,6 +76,8 @@ class MakemoreModule(L.LightningModule):
             lr: SGD learning rate before the first milestone.
             milestones: optimizer steps at which the learning rate is multiplied by lr_decay.
             lr_decay: factor applied at each milestone (0.1 -> 0.01 as in the lecture).
+            cuda_graph: on a CUDA device, run each unobserved optimizer step as one CUDA graph replay (see
+                graphed.py); speed only, results match the eager path. False forces the eager path.
         """
         super().__init__()
         if not lr > 0:
@@ -94,6 +99,9 @@ class MakemoreModule(L.LightningModule):
         self._optimizer_step = self._lightning_step  # chosen at train start, see needs_lightning_step
         self._grad_params: list[torch.Tensor] = []
         self._threads: tuple[int, int] | None = None  # (threads for training steps, threads to restore)
+        self.cuda_graph = cuda_graph  # not a hyperparameter: speed only, so resuming may change it
+        self._graphed: GraphedSGDStep | None = None  # set at train start when the step can be one CUDA graph
+        self._watched_modules: list[torch.nn.Module] = []
 
     @property
     def vocab(self) -> str:
@@ -114,6 +122,8 @@ class MakemoreModule(L.LightningModule):
         if first_step != self.global_step:  # the stream and the trainer must agree, or resume is not exact
             raise RuntimeError(f"batch starts at step {first_step} but the trainer is at step {self.global_step}")
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        if self._graphed is not None:
+            return self._graphed_chunk(xs, ys, first_step, optimizer, schedule)
         wrapper = self.trainer.strategy.model  # looked up per batch: kept as an attribute it would be a submodule
         ddp = wrapper if isinstance(wrapper, DistributedDataParallel) else None
         values, first_loss = [], None
@@ -121,13 +131,52 @@ class MakemoreModule(L.LightningModule):
             loss = F.cross_entropy(self.net(x), y)
             value = loss.item()  # free on a CPU; on a GPU this is one sync per step
             if not math.isfinite(value):  # checked before the update, while the parameters that produced it exist
-                self._stop_non_finite(value, x)
+                self._stop_non_finite(value, x, self.global_step)
             self._optimizer_step(optimizer, loss, ddp)
             schedule.step()
             values.append(value)
             first_loss = loss.detach() if first_loss is None else first_loss
         self._log_losses(first_step, values)
         return {"loss": first_loss}  # the loss of the chunk's first step, the one callbacks sample
+
+    def _graphed_chunk(self, xs: torch.Tensor, ys: torch.Tensor, first_step: int, optimizer, schedule) -> dict:
+        """The chunk's steps as CUDA graph replays, except observed steps (hooks: diagnostics), which run eagerly.
+
+        No host sync per step: losses stay in device slots and are read once, at the end of the chunk. A
+        non-finite loss is found then; the chunk is re-run from its start up to that step, so that the parameters
+        that produced it are there to be examined, as on the eager path."""
+        graph = self._graphed
+        losses = graph.begin(xs, ys)
+        first_loss = None
+        for i in range(len(xs)):
+            lr = optimizer.param_groups[0]["lr"]
+            if observed(optimizer.optimizer, self._watched_modules) or not graph.ready(lr):
+                loss = F.cross_entropy(self.net(xs[i]), ys[i])
+                self._direct_step(optimizer, loss, None)
+                losses[i].copy_(loss.detach())
+                graph.seek(i + 1)
+                first_loss = loss.detach() if i == 0 else first_loss
+                del loss  # its autograd graph must not outlive the step: capturing a graph would trip on it
+            else:
+                graph.replay()
+                optimizer._on_before_step()  # Lightning's step count, as _direct_step keeps it
+                optimizer._on_after_step()
+            schedule.step()
+        values = losses.tolist()  # the chunk's one sync
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            self._rerun_to(graph, xs, first_step, bad)
+            self._stop_non_finite(values[bad], xs[bad], first_step + bad)
+        self._log_losses(first_step, values)
+        return {"loss": losses[0].clone() if first_loss is None else first_loss}
+
+    @torch.no_grad()
+    def _rerun_to(self, graph: GraphedSGDStep, xs: torch.Tensor, first_step: int, stop: int) -> None:
+        graph.rewind()
+        graph.seek(0)
+        with torch.enable_grad():
+            for i in range(stop):
+                graph.step(self._lr_at(first_step + i))
 
     def _lightning_step(self, optimizer, loss: torch.Tensor, ddp: DistributedDataParallel | None) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -145,11 +194,11 @@ class MakemoreModule(L.LightningModule):
         optimizer.optimizer.step()
         optimizer._on_after_step()
 
-    def _stop_non_finite(self, loss: float, x: torch.Tensor) -> None:
+    def _stop_non_finite(self, loss: float, x: torch.Tensor, step: int) -> None:
         with torch.no_grad():
             where = first_nonfinite_module(self, x)
         raise NonFiniteLossError(
-            f"the loss became {loss} at step {self.global_step}"
+            f"the loss became {loss} at step {step}"
             + (f"; the first non-finite output is {where}" if where else "")
             + "; lower --model.lr or check the init; checkpoints written so far are intact"
         )
@@ -220,11 +269,27 @@ class MakemoreModule(L.LightningModule):
         slow = needs_lightning_step(self.trainer, self)
         self._optimizer_step = self._lightning_step if slow else self._direct_step
         self._grad_params = [p for group in self.optimizers().param_groups for p in group["params"]]
+        self._graphed = self._graph_if_possible(slow)
         self._pick_cpu_threads()
         # a resumed run's TensorBoard purges everything from the checkpoint's step on (what a killed run logged
         # after it): put back the validation loss that was measured at that very step
         if self.global_step > 0 and self._last_val_loss is not None:
             self._log_to_loggers({"val/loss": self._last_val_loss}, self.global_step)
+
+    def _graph_if_possible(self, slow: bool) -> GraphedSGDStep | None:
+        """The CUDA-graph step on a single CUDA device with plain float32 precision and nothing hooked per step."""
+        if not self.cuda_graph or slow or type(self.trainer.strategy) is not SingleDeviceStrategy:
+            return None
+        why_not = can_graph(self.optimizers().optimizer, self._grad_params)
+        if type(self.trainer.precision_plugin) is not Precision:
+            why_not = "a precision plugin other than 32-true"
+        if why_not is not None:
+            if self.device.type == "cuda":
+                rank_zero_info(f"training steps run eagerly, not as CUDA graphs: {why_not}")
+            return None
+        self._watched_modules = list(self.modules())
+        capacity = getattr(self.trainer.datamodule, "steps_per_batch", 1) if self.trainer.datamodule else 1
+        return GraphedSGDStep(self.net, self._grad_params, capacity)
 
     # ---------------------------------------------------------------------------------------------- threads
 
