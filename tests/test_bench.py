@@ -9,7 +9,8 @@ from tests.conftest import ROOT
 
 def test_bench_prints_per_repeat_ratios_and_writes_json(tmp_path, names_file):
     out = tmp_path / "bench.json"
-    args = ["--steps", "30", "--repeats", "2", "--sizes", "small", "--device", "cpu", "--data_path", str(names_file), "--json", str(out)]
+    args = ["--steps", "30", "--repeats", "2", "--sizes", "small", "--device", "cpu", "--data_path", str(names_file)]
+    args += ["--json", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "mm_lightning.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
