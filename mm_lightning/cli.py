@@ -301,6 +301,7 @@ def diagnose_command(args: list[str]) -> int:
         figures_every_n_steps=0,
         expected_initial_loss=configured.expected_initial_loss,
         health=configured.health,
+        stats_in_worker=False,  # two sampled steps: not worth starting a process
     )
     trainer = L.Trainer(
         max_steps=steps + 1,

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -259,11 +260,11 @@ def test_callback_on_another_lightning_module(tmp_path):
     assert diagnostics.last_snapshot.step == 10
 
 
-def test_figure_worker_does_not_outlive_a_killed_trainer(tmp_path):
+def test_the_worker_does_not_outlive_a_killed_trainer(tmp_path):
     script = (
         "import os, sys, time\n"
-        "from mm_lightning.diagnostics.figures import FigureProcess\n"
-        "w = FigureProcess(); print(w.process.pid, flush=True); time.sleep(60)\n"
+        "from mm_lightning.diagnostics.worker import Worker\n"
+        "w = Worker(); print(w.process.pid, flush=True); time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     worker = int(parent.stdout.readline())
@@ -280,7 +281,7 @@ def test_figure_worker_does_not_outlive_a_killed_trainer(tmp_path):
                 return
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
-    pytest.fail("the figure worker kept running after its trainer was killed")
+    pytest.fail("the worker kept running after its trainer was killed")
 
 
 # ----------------------------------------------------------------------------------- through TensorBoard itself
@@ -385,3 +386,27 @@ def test_statistics_are_all_reduced_across_processes(tmp_path):
         assert a.saturation == pytest.approx(b.saturation) and a.dead == b.dead
         assert a.grad_std == pytest.approx(b.grad_std, rel=1e-6) and a.hist.counts == b.hist.counts
     assert ddp.layers[1].dead == pytest.approx(1 / 20)
+
+
+def test_the_worker_process_computes_what_the_training_process_would(project, monkeypatch):
+    """stats_in_worker is speed only: every diagnostics number, histogram and verdict is the same inline."""
+    monkeypatch.chdir(project)
+    common = ["fit", "--trainer.max_steps", "250", *SMALL, "--data.steps_per_epoch", "250"]
+    common += ["--diagnostics.every_n_steps", "50", "--diagnostics.histograms_every_n_steps", "100"]
+    assert main([*common, "--trainer.default_root_dir", "worker"]) == 0
+    assert main([*common, "--trainer.default_root_dir", "inline", "--diagnostics.stats_in_worker", "false"]) == 0
+    runs = [scalars(project / d / "lightning_logs" / "version_0") for d in ("worker", "inline")]
+    diag = [t for t in runs[1] if t.split("/")[0] in ("act", "grad", "weight", "update", "health")]
+    assert len(diag) > 20 and {t: runs[0][t] for t in diag} == {t: runs[1][t] for t in diag}
+    assert [s for s, _ in runs[0]["act/std/net.layers.2"]] == [0, 50, 100, 150, 200]  # every sample, in order
+    hists = [_events(project / d / "lightning_logs" / "version_0") for d in ("worker", "inline")]
+    tag = "act_hist/net.layers.2"
+    assert [(e.step, list(e.histogram_value.bucket)) for e in hists[0].Histograms(tag)] == [
+        (e.step, list(e.histogram_value.bucket)) for e in hists[1].Histograms(tag)
+    ]
+    ckpts = [
+        torch.load(next(Path(d).glob("lightning_logs/version_0/checkpoints/last.ckpt")), weights_only=True)
+        for d in ("worker", "inline")
+    ]
+    states = [next(v for k, v in c["callbacks"].items() if "TrainingDiagnostics" in k) for c in ckpts]
+    assert states[0] == states[1] and states[0]["update_history"]  # the checkpoint waited for the last samples

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import sys
+import time
 from functools import partial
 
 import lightning as L
@@ -26,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mm_lightning.diagnostics import figures, tbwrite
 from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, Snapshot, is_activation, summarize
 from mm_lightning.diagnostics.verdicts import CHECKS, HealthThresholds, Verdict, judge
+from mm_lightning.diagnostics.worker import Worker, figures_job, stats_job
 from mm_lightning.errors import UsageError
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX} if dist.is_available() else {}
@@ -49,6 +51,7 @@ class TrainingDiagnostics(Callback):
         figures_every_n_steps: int = 10_000,
         expected_initial_loss: float | None = None,
         health: HealthThresholds = HealthThresholds(),
+        stats_in_worker: bool = True,
     ):
         """
         Args:
@@ -63,6 +66,9 @@ class TrainingDiagnostics(Callback):
                 (a multiple of histograms_every_n_steps; 0: none).
             expected_initial_loss: loss expected at step 0; default ln(classes) where the module has num_classes.
             health: thresholds of the verdicts.
+            stats_in_worker: compute a sampled step's statistics in the worker process that also draws the
+                figures, when training runs in one process on the CPU (speed only: the same numbers, logged a
+                batch later); False computes them in the training process.
         """
         super().__init__()
         if every_n_steps < 0:
@@ -107,7 +113,10 @@ class TrainingDiagnostics(Callback):
         self.last_verdicts: list[Verdict] = []
         self._last_drawable: Snapshot | None = None  # the latest snapshot with histograms, for the figures
         self._last_drawn: int | None = None
-        self._figure_process: figures.FigureProcess | None = None
+        self.stats_in_worker = stats_in_worker
+        self._worker: Worker | None = None  # statistics and figures, see worker.py; started when first needed
+        self._no_worker = False  # it could not be started: everything inline
+        self._running: tuple[L.Trainer, L.LightningModule] | None = None  # for state_dict(), which gets neither
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -132,6 +141,7 @@ class TrainingDiagnostics(Callback):
         return chosen
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._running = (trainer, pl_module)
         tbwrite.speed_up()
         writer = self._writer(trainer)
         if writer is not None and self.every_n_steps:
@@ -209,7 +219,7 @@ class TrainingDiagnostics(Callback):
         self._handles = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._collect_figures(trainer)  # write the figures the worker has finished, if any
+        self._collect(trainer, pl_module)  # record what the worker has finished, if anything
         if self._sampling is None:
             return
         if self._loss is None:
@@ -218,20 +228,50 @@ class TrainingDiagnostics(Callback):
         if not self._stepped:  # e.g. accumulating gradients: the optimizer has not stepped yet
             return
         self._remove_hooks()
-        reduce = _all_reduce if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() else None
-        step = self._sampling
-        snapshot = summarize(
-            step,
-            self._loss,
-            self._layers,
-            _merge(self._params),
-            self.saturation_threshold,
-            self.bins,
-            histograms=bool(self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0),
-            reduce=reduce,
-        )
+        step, params = self._sampling, _merge(self._params)
+        histograms = bool(self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0)
+        worker = self._worker_for(trainer, params)
+        if worker is not None:
+            rows, written = worker.staging(params.rows) if params is not None else (None, None)
+            job = stats_job(
+                step, self._loss, self._layers, params, self.saturation_threshold, self.bins, histograms, rows
+            )
+            worker.submit(job, written)
+        else:
+            reduce = _all_reduce if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() else None
+            snapshot = summarize(
+                step,
+                self._loss,
+                self._layers,
+                params,
+                self.saturation_threshold,
+                self.bins,
+                histograms=histograms,
+                reduce=reduce,
+            )
         self._sampling, self._layers, self._params, self._before = None, [], [], {}
-        self._record(trainer, pl_module, snapshot)
+        if worker is None:
+            self._record(trainer, pl_module, snapshot)
+
+    def _worker_for(self, trainer: L.Trainer, params: CapturedParams | None) -> Worker | None:
+        """The worker, when this sample's statistics may go there: one process (no all-reduce), tensors on the CPU
+        (a GPU reduces them faster than it could copy them out)."""
+        on_cpu = all(x.output.device.type == "cpu" for x in self._layers) and (params is None or params.rows.is_cpu)
+        if not (self.stats_in_worker and trainer.world_size == 1 and on_cpu):
+            return None
+        return self._start_worker()
+
+    def _start_worker(self) -> Worker | None:
+        if self._worker is None and not self._no_worker:
+            try:
+                self._worker = Worker()
+            except OSError as e:
+                self._no_worker = True
+                print(
+                    f"[diagnostics] no worker process ({e}); statistics and figures in the training process",
+                    file=sys.stderr,
+                )
+        return self._worker
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._remove_hooks()
@@ -283,42 +323,52 @@ class TrainingDiagnostics(Callback):
         if self._writer(trainer) is None:
             return
         self._last_drawn = s.step
-        if self._figure_process is None:
-            try:
-                self._figure_process = figures.FigureProcess()
-            except OSError as e:
-                print(f"[diagnostics] no figure worker ({e}); drawing figures in the training process", file=sys.stderr)
-        if self._figure_process is not None:
-            self._figure_process.submit(s, self.update_history)
+        worker = self._start_worker()
+        if worker is not None:
+            worker.submit(figures_job(s, self.update_history))
         else:
             drawn = {tag: figures.png(fig) for tag, fig in figures.render_all(s, self.update_history).items()}
-            self._write_figures(trainer, [(s.step, drawn)])
+            tbwrite.add_png_images(self._writer(trainer), drawn, s.step)
 
-    def _write_figures(self, trainer: L.Trainer, done: list) -> None:
-        for step, result in done:
-            if isinstance(result, str):
-                print(f"[diagnostics] figures of step {step} failed: {result}", file=sys.stderr)
-            else:
-                tbwrite.add_png_images(self._writer(trainer), result, step)
+    def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, wait: float = 0.0) -> None:
+        """Record the worker's answers, in order: statistics (their verdicts and logging may ask for figures, so
+        with wait > 0 this goes on until nothing is pending or the time is up) and figures."""
+        deadline = time.monotonic() + wait
+        while self._worker is not None and sum(self._worker.pending.values()):
+            answers = self._worker.ready(max(deadline - time.monotonic(), 0.0) if wait else 0.0)
+            for kind, step, result in answers:
+                if isinstance(result, str):
+                    print(f"[diagnostics] {kind} of step {step} failed: {result}", file=sys.stderr)
+                elif kind == "stats":
+                    self._record(trainer, pl_module, result)
+                elif self._writer(trainer) is not None:
+                    tbwrite.add_png_images(self._writer(trainer), result, step)
+            if not wait or not answers:
+                break
+        if wait and self._worker is not None and self._worker.pending["stats"]:
+            print(
+                f"[diagnostics] the worker process did not answer for {self._worker.pending['stats']} sampled "
+                "step(s); their statistics are lost",
+                file=sys.stderr,
+            )
 
-    def _collect_figures(self, trainer: L.Trainer, wait: float = 0.0, close: bool = False) -> None:
-        worker = self._figure_process
-        if worker is None:
-            return
-        if close:
-            self._figure_process = None
-            self._write_figures(trainer, worker.close(wait))
-        elif worker.pending:
-            self._write_figures(trainer, worker.ready(wait))
+    def _close_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close(wait=0.0)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer, pl_module, wait=120.0)  # every sampled step recorded
         s = self._last_drawable
         if self.figures_every_n_steps and trainer.is_global_zero and s is not None and s.step != self._last_drawn:
             self._log_figures(trainer, s)  # the figures of the last step with histograms
-        self._collect_figures(trainer, wait=120.0, close=True)
+        self._collect(trainer, pl_module, wait=120.0)
+        self._close_worker()
+        self._running = None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._collect_figures(trainer, wait=0.0, close=True)  # after an exception: stop the worker
+        self._close_worker()  # after an exception: stop the worker
+        self._running = None
 
     @staticmethod
     def _writer(trainer: L.Trainer):
@@ -330,6 +380,8 @@ class TrainingDiagnostics(Callback):
     # ---------------------------------------------------------------------------------------- checkpointing
 
     def state_dict(self) -> dict:
+        if self._running is not None:  # a checkpoint holds every sampled step before it
+            self._collect(*self._running, wait=120.0)
         return {
             "update_history": {k: [list(p) for p in v] for k, v in self.update_history.items()},
             "warned": sorted(list(w) for w in self.warned),

@@ -1,19 +1,13 @@
 """The lecture's four diagnostic figures, drawn from a Snapshot (histograms already computed on the device).
 
 Uses matplotlib's object API (Figure + Agg canvas), never pyplot, so no global state and no display is needed.
-Drawing takes ~100 ms a figure, all of it holding the GIL, so during training the figures are drawn in a worker
-process (FigureProcess, which runs this module: `python -m mm_lightning.diagnostics.figures`).
+Drawing takes ~100 ms a figure, all of it holding the GIL, so during training the figures are drawn in the
+diagnostics' worker process (worker.py).
 """
 
 from __future__ import annotations
 
 import io
-import pickle
-import queue
-import subprocess
-import sys
-import threading
-import time
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -106,90 +100,3 @@ def png(fig: Figure) -> tuple[bytes, int, int]:
     fig.savefig(buffer, format="png")
     width, height = fig.canvas.get_width_height()
     return buffer.getvalue(), height, width
-
-
-# ------------------------------------------------------------------------------------------- worker process
-# Frames on the worker's stdin/stdout: 8 bytes of length, then a pickle. Both ends are this module, in processes
-# this project starts; nothing from outside is ever unpickled.
-
-
-def _write_frame(stream, obj) -> None:
-    data = pickle.dumps(obj)
-    stream.write(len(data).to_bytes(8, "little") + data)
-    stream.flush()
-
-
-def _read_frame(stream):
-    header = stream.read(8)
-    if len(header) < 8:
-        return None  # end of stream: the other side has gone
-    return pickle.loads(stream.read(int.from_bytes(header, "little")))
-
-
-def serve(stdin=None, stdout=None) -> None:
-    """The worker: draw each (snapshot, history) that arrives until stdin ends (closed, or the trainer died)."""
-    stdin, stdout = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
-    while (job := _read_frame(stdin)) is not None:
-        snapshot, history = job
-        try:
-            result = {tag: png(fig) for tag, fig in render_all(snapshot, history).items()}
-        except Exception as e:  # a figure that cannot be drawn must not take training down
-            result = f"{type(e).__name__}: {e}"
-        _write_frame(stdout, (snapshot.step, result))
-
-
-class FigureProcess:
-    """The training side of the worker. submit() never blocks: a thread feeds the worker, another reads back."""
-
-    def __init__(self):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mm_lightning.diagnostics.figures"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        self.jobs: queue.Queue = queue.Queue()
-        self.results: queue.Queue = queue.Queue()
-        self.pending = 0
-        threading.Thread(target=self._feed, daemon=True).start()
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _feed(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            try:
-                _write_frame(self.process.stdin, job)
-            except (BrokenPipeError, OSError):
-                return
-        self.process.stdin.close()
-
-    def _collect(self) -> None:
-        while (result := _read_frame(self.process.stdout)) is not None:
-            self.results.put(result)
-
-    def submit(self, snapshot: Snapshot, history: dict[str, list[tuple[int, float]]]) -> None:
-        self.jobs.put((snapshot, {name: list(points) for name, points in history.items()}))  # a copy: it grows
-        self.pending += 1
-
-    def ready(self, wait: float = 0.0) -> list[tuple[int, dict | str]]:
-        """(step, {tag: (png, height, width)} or an error message) for every figure set drawn so far; with
-        wait > 0, wait up to that many seconds in all for the pending ones."""
-        out, deadline = [], time.monotonic() + wait
-        while self.pending:
-            try:
-                left = max(deadline - time.monotonic(), 0)
-                out.append(self.results.get(timeout=left) if wait else self.results.get_nowait())
-            except queue.Empty:
-                break
-            self.pending -= 1
-        return out
-
-    def close(self, wait: float = 60.0) -> list[tuple[int, dict | str]]:
-        """What is still pending (waiting up to `wait` seconds), then stop the worker."""
-        out = self.ready(wait)
-        self.jobs.put(None)
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        return out
-
-
-if __name__ == "__main__":
-    serve()

@@ -43,9 +43,15 @@ def is_activation(module: nn.Module) -> bool:
 @dataclass
 class CapturedLayer:
     name: str
-    module: nn.Module
+    module: nn.Module | None  # None in the worker process, which gets kind and bounds instead
     output: torch.Tensor
     grad: torch.Tensor | None = None
+    kind: str = ""  # the module's class name
+    bounds: tuple[float, float] | None = None  # see BOUNDED_ACTIVATIONS
+
+    def __post_init__(self):
+        if self.module is not None:
+            self.kind, self.bounds = type(self.module).__name__, BOUNDED_ACTIVATIONS.get(type(self.module))
 
 
 @dataclass
@@ -137,7 +143,7 @@ class _Layers:
 
     def __init__(self, layers: list[CapturedLayer], threshold: float):
         self.layers, self.threshold = layers, threshold
-        self.bounds = [BOUNDED_ACTIVATIONS.get(type(x.module)) for x in layers]
+        self.bounds = [x.bounds for x in layers]
         groups: dict[tuple, list[int]] = {}
         for i, x in enumerate(layers):
             groups.setdefault((tuple(x.output.shape), self.bounds[i]), []).append(i)
@@ -180,7 +186,7 @@ class _Layers:
                     saturation = n_sat[j] / (m[j] + m[3 * k + j])  # over every process's values (NaN included)
                     constant = [c or s >= 1.0 for c, s in zip(constant, every[u])]
                 mean, std = _mean_std(*m[j::k])
-                out[i] = LayerStats(x.name, type(x.module).__name__, mean, std, saturation, sum(constant) / units)
+                out[i] = LayerStats(x.name, x.kind, mean, std, saturation, sum(constant) / units)
         for idx, handle in self.hg:
             g, k = get(handle), len(idx)
             for j, i in enumerate(idx):
