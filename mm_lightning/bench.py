@@ -5,6 +5,7 @@ ratios are taken within a repeat (variants that ran minutes apart are never comp
 per-repeat ratios is reported, with the median steps/s.
 
 Run: python -m mm_lightning.bench [--steps 10000] [--repeats 5] [--device cpu|cuda] [--sizes small,wide]
+     python -m mm_lightning.bench --blocks 4 --steps 20000   # the diagnostics' cost inside runs, free of drift
 
 Rows:
 - lecture loop: makemore part 3's loop (torch.randint minibatch, forward, p.grad = None, backward,
@@ -74,6 +75,55 @@ class Stopwatch(L.Callback):
         self.steps = trainer.global_step - self.warm_step
         self.steps_per_s = self.steps / (self.last - self.warm)
         self.one_off = (end - self.start) - trainer.global_step / self.steps_per_s  # beyond the steady rate
+
+
+class DiagnosticsBlocks(L.Callback):
+    """The diagnostics' cost measured inside one run, free of the machine's drift: diagnostics sample in even blocks
+    of `block` steps and are off in odd ones; the cost is the mean batch time of on-blocks over off-blocks."""
+
+    def __init__(self, block: int = 1000):
+        self.block, self.starts = block, []
+
+    def _diagnostics(self, trainer):
+        from mm_lightning.diagnostics.callback import TrainingDiagnostics
+
+        return next(cb for cb in trainer.callbacks if isinstance(cb, TrainingDiagnostics))
+
+    def on_train_start(self, trainer, pl_module):
+        self.every = self._diagnostics(trainer).every_n_steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts.append((trainer.global_step, time.perf_counter()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # set up the next batch
+        on = (trainer.global_step // self.block) % 2 == 0
+        self._diagnostics(trainer).every_n_steps = self.every if on else 0
+
+    def cost(self) -> float:
+        times = {True: [], False: []}
+        for (step, t), (_, t_next) in zip(self.starts, self.starts[1:]):
+            if step >= self.block:  # the first block holds step 0's one-off work
+                times[(step // self.block) % 2 == 0].append(t_next - t)
+        return statistics.mean(times[True]) / statistics.mean(times[False]) - 1
+
+
+def diagnostics_blocks(steps: int, repeats: int, data_path: str, extra: tuple = ()) -> list[float]:
+    """Per-run costs of the diagnostics at their defaults, measured by DiagnosticsBlocks (CPU, the lecture's size)."""
+    from mm_lightning.cli import MakemoreCLI
+
+    costs = []
+    for r in range(repeats):
+        with tempfile.TemporaryDirectory() as root:
+            args = ["fit", "--trainer.max_steps", str(steps), "--trainer.default_root_dir", root]
+            args += ["--data.path", data_path, "--data.steps_per_epoch", str(steps), "--trainer.limit_val_batches", "0"]
+            args += ["--trainer.accelerator", "cpu", "--trainer.enable_model_summary", "false"]
+            args += ["--trainer.callbacks+=mm_lightning.bench.DiagnosticsBlocks", *extra]
+            cli = MakemoreCLI(args)
+            from mm_lightning import bench
+
+            costs.append(next(cb for cb in cli.trainer.callbacks if isinstance(cb, bench.DiagnosticsBlocks)).cost())
+            print(f"  [blocks {r + 1}/{repeats}] diagnostics cost {100 * costs[-1]:+.1f}%", file=sys.stderr)
+    return costs
 
 
 def lecture_loop(x, y, config: MLPConfig, batch_size: int, steps: int, device: str, threads: int | None) -> float:
@@ -278,7 +328,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="small,wide", help=f"comma-separated, of {', '.join(SIZES)}")
     p.add_argument("--data_path", default="data/names.txt")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="instead: the diagnostics' cost inside RUNS runs of --steps, on/off in alternating 1000-step blocks",
+    )
     a = p.parse_args(argv)
+    if a.blocks:
+        if a.steps < 4000:
+            p.error("--blocks needs --steps 4000 or more (blocks of 1000 steps, the first one left out)")
+        from mm_lightning.cli import _quiet_noise
+
+        _quiet_noise()
+        costs = diagnostics_blocks(a.steps, a.blocks, a.data_path)
+        print(f"diagnostics cost at every_n_steps 100, on/off in alternating 1000-step blocks, {a.blocks} runs:")
+        print(f"median {100 * statistics.median(costs):+.1f}%, per run " + ", ".join(f"{100 * c:+.1f}%" for c in costs))
+        return 0
     sizes = [s for s in a.sizes.split(",") if s]
     if unknown := [s for s in sizes if s not in SIZES]:
         p.error(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")

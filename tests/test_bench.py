@@ -37,3 +37,14 @@ def test_bench_refuses_an_unknown_size():
         [sys.executable, "-m", "mm_lightning.bench", "--sizes", "huge"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 2 and "unknown size 'huge'" in proc.stderr
+
+
+def test_bench_measures_the_diagnostics_cost_inside_a_run(names_file):
+    args = ["--blocks", "1", "--steps", "4000", "--data_path", str(names_file)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mm_lightning.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on/off in alternating 1000-step blocks, 1 runs:" in proc.stdout
+    cost = float(proc.stdout.split("median ")[1].split("%")[0])
+    assert -50 < cost < 50  # a measured percentage, not a placeholder
