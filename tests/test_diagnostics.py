@@ -410,3 +410,13 @@ def test_the_worker_process_computes_what_the_training_process_would(project, mo
     ]
     states = [next(v for k, v in c["callbacks"].items() if "TrainingDiagnostics" in k) for c in ckpts]
     assert states[0] == states[1] and states[0]["update_history"]  # the checkpoint waited for the last samples
+
+
+def test_a_dead_worker_process_leaves_the_statistics_inline(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker process exits at once
+    args = ["fit", "--trainer.max_steps", "150", *SMALL, "--data.steps_per_epoch", "150"]
+    assert main([*args, "--diagnostics.every_n_steps", "50", "--trainer.default_root_dir", "runs"]) == 0
+    assert "[diagnostics] the worker process stopped (exit code 1)" in capsys.readouterr().err
+    steps = [s for s, _ in scalars(project / "runs" / "lightning_logs" / "version_0")["act/std/net.layers.2"]]
+    assert steps in ([50, 100], [0, 50, 100])  # only what the dead worker never answered (step 0) may be lost

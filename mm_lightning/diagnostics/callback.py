@@ -262,6 +262,14 @@ class TrainingDiagnostics(Callback):
         return self._start_worker()
 
     def _start_worker(self) -> Worker | None:
+        if self._worker is not None and not self._worker.alive():  # it died: say so once, then work inline
+            lost, code = self._worker.pending["stats"] + self._worker.pending["figures"], self._worker.process.poll()
+            self._worker, self._no_worker = None, True
+            print(
+                f"[diagnostics] the worker process stopped (exit code {code}) with {lost} job(s) unanswered; "
+                "statistics and figures in the training process from here",
+                file=sys.stderr,
+            )
         if self._worker is None and not self._no_worker:
             try:
                 self._worker = Worker()
