@@ -107,22 +107,28 @@ class DiagnosticsBlocks(L.Callback):
         return statistics.mean(times[True]) / statistics.mean(times[False]) - 1
 
 
-def diagnostics_blocks(steps: int, repeats: int, data_path: str, extra: tuple = ()) -> list[float]:
-    """Per-run costs of the diagnostics at their defaults, measured by DiagnosticsBlocks (CPU, the lecture's size)."""
+def _fit_with(watcher: str, args: list[str]) -> L.Callback:
+    """Run `fit` (in this process, in a temporary directory) with one of this file's callbacks added, given by class
+    name with its init args after it; returns the instance the CLI made."""
+    from mm_lightning import bench  # the module the CLI imports the class from (this file may run as __main__)
     from mm_lightning.cli import MakemoreCLI
 
+    with tempfile.TemporaryDirectory() as root:
+        cli = MakemoreCLI(
+            ["fit", "--trainer.default_root_dir", root, "--trainer.enable_model_summary", "false"]
+            + [f"--trainer.callbacks+=mm_lightning.bench.{watcher}", *args]
+        )
+        return next(cb for cb in cli.trainer.callbacks if isinstance(cb, getattr(bench, watcher)))
+
+
+def diagnostics_blocks(steps: int, repeats: int, data_path: str, extra: tuple = ()) -> list[float]:
+    """Per-run costs of the diagnostics at their defaults, measured by DiagnosticsBlocks (CPU, the lecture's size)."""
     costs = []
     for r in range(repeats):
-        with tempfile.TemporaryDirectory() as root:
-            args = ["fit", "--trainer.max_steps", str(steps), "--trainer.default_root_dir", root]
-            args += ["--data.path", data_path, "--data.steps_per_epoch", str(steps), "--trainer.limit_val_batches", "0"]
-            args += ["--trainer.accelerator", "cpu", "--trainer.enable_model_summary", "false"]
-            args += ["--trainer.callbacks+=mm_lightning.bench.DiagnosticsBlocks", *extra]
-            cli = MakemoreCLI(args)
-            from mm_lightning import bench
-
-            costs.append(next(cb for cb in cli.trainer.callbacks if isinstance(cb, bench.DiagnosticsBlocks)).cost())
-            print(f"  [blocks {r + 1}/{repeats}] diagnostics cost {100 * costs[-1]:+.1f}%", file=sys.stderr)
+        args = ["--trainer.max_steps", str(steps), "--data.path", data_path, "--data.steps_per_epoch", str(steps)]
+        args += ["--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu", *extra]
+        costs.append(_fit_with("DiagnosticsBlocks", args).cost())
+        print(f"  [blocks {r + 1}/{repeats}] diagnostics cost {100 * costs[-1]:+.1f}%", file=sys.stderr)
     return costs
 
 
@@ -196,23 +202,14 @@ def fit_path(
 ) -> tuple[float, float]:
     """This project's fit through its CLI (in this process), default settings; returns (steady steps/s, one-off s).
     The steady window starts after a tenth of the steps (a multiple of 100, so it holds whole diagnostics periods)."""
-    from mm_lightning.cli import MakemoreCLI
-
     warm_up = steps // 10 // 100 * 100
-    with tempfile.TemporaryDirectory() as root:
-        args = ["fit", "--trainer.max_steps", str(steps), "--trainer.default_root_dir", root]
-        args += ["--data.path", data_path, "--data.batch_size", str(batch_size), "--model.net.n_hidden", str(hidden)]
-        args += ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1"]
-        args += ["--trainer.enable_model_summary", "false"]
-        args += ["--trainer.callbacks+=mm_lightning.bench.Stopwatch", "--trainer.callbacks.warm_up", str(warm_up)]
-        if not diagnostics:
-            args += ["--diagnostics.every_n_steps", "0"]
-        args += list(extra)
-        cli = MakemoreCLI(args)
-        from mm_lightning import bench  # the class the CLI instantiated (this file may be running as __main__)
-
-        watch = next(cb for cb in cli.trainer.callbacks if isinstance(cb, bench.Stopwatch))
-        return watch.steps_per_s, watch.one_off
+    args = ["--trainer.callbacks.warm_up", str(warm_up), "--trainer.max_steps", str(steps), "--data.path", data_path]
+    args += ["--data.batch_size", str(batch_size), "--model.net.n_hidden", str(hidden)]
+    args += ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1"]
+    if not diagnostics:
+        args += ["--diagnostics.every_n_steps", "0"]
+    watch = _fit_with("Stopwatch", args + list(extra))
+    return watch.steps_per_s, watch.one_off
 
 
 @torch.no_grad()

@@ -322,8 +322,8 @@ def diagnose_command(args: list[str]) -> int:
     if figures_dir:
         out = Path(figures_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for tag, fig in figures.render_all(snapshot, diagnostics.update_history).items():
-            (out / f"{tag.split('/')[-1]}.png").write_bytes(figures.png(fig)[0])
+        for tag, (data, _, _) in figures.render_pngs(snapshot, diagnostics.update_history).items():
+            (out / f"{tag.split('/')[-1]}.png").write_bytes(data)
         print(f"figures written to {out}/")
     return 1 if any(not v.ok for v in verdicts) else 0
 

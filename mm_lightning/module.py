@@ -165,13 +165,14 @@ class MakemoreModule(L.LightningModule):
         values = losses.tolist()  # the chunk's one sync
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
-            self._rerun_to(graph, xs, first_step, bad)
+            self._rerun_to(graph, first_step, bad)
             self._stop_non_finite(values[bad], xs[bad], first_step + bad)
         self._log_losses(first_step, values)
         return {"loss": losses[0].clone() if first_loss is None else first_loss}
 
     @torch.no_grad()
-    def _rerun_to(self, graph: GraphedSGDStep, xs: torch.Tensor, first_step: int, stop: int) -> None:
+    def _rerun_to(self, graph: GraphedSGDStep, first_step: int, stop: int) -> None:
+        """The chunk again from its start, up to (not including) step `stop` of it, from the graph's buffers."""
         graph.rewind()
         graph.seek(0)
         with torch.enable_grad():

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mm_lightning.diagnostics import figures, tbwrite
 from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, Snapshot, is_activation, summarize
 from mm_lightning.diagnostics.verdicts import CHECKS, HealthThresholds, Verdict, judge
-from mm_lightning.diagnostics.worker import Worker, figures_job, stats_job
+from mm_lightning.diagnostics.worker import Worker, figures_job
 from mm_lightning.errors import UsageError
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX} if dist.is_available() else {}
@@ -232,11 +232,9 @@ class TrainingDiagnostics(Callback):
         histograms = bool(self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0)
         worker = self._worker_for(trainer, params)
         if worker is not None:
-            rows, written = worker.staging(params.rows) if params is not None else (None, None)
-            job = stats_job(
-                step, self._loss, self._layers, params, self.saturation_threshold, self.bins, histograms, rows
+            worker.submit_stats(
+                step, self._loss, self._layers, params, self.saturation_threshold, self.bins, histograms
             )
-            worker.submit(job, written)
         else:
             reduce = _all_reduce if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() else None
             snapshot = summarize(
@@ -261,8 +259,9 @@ class TrainingDiagnostics(Callback):
             return None
         return self._start_worker()
 
-    def _start_worker(self) -> Worker | None:
-        if self._worker is not None and not self._worker.alive():  # it died: say so once, then work inline
+    def _drop_dead_worker(self) -> None:
+        """A worker that died is said so once; statistics and figures are then computed inline."""
+        if self._worker is not None and not self._worker.alive():
             lost, code = self._worker.pending["stats"] + self._worker.pending["figures"], self._worker.process.poll()
             self._worker, self._no_worker = None, True
             print(
@@ -270,6 +269,9 @@ class TrainingDiagnostics(Callback):
                 "statistics and figures in the training process from here",
                 file=sys.stderr,
             )
+
+    def _start_worker(self) -> Worker | None:
+        self._drop_dead_worker()
         if self._worker is None and not self._no_worker:
             try:
                 self._worker = Worker()
@@ -335,8 +337,7 @@ class TrainingDiagnostics(Callback):
         if worker is not None:
             worker.submit(figures_job(s, self.update_history))
         else:
-            drawn = {tag: figures.png(fig) for tag, fig in figures.render_all(s, self.update_history).items()}
-            tbwrite.add_png_images(self._writer(trainer), drawn, s.step)
+            tbwrite.add_png_images(self._writer(trainer), figures.render_pngs(s, self.update_history), s.step)
 
     def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, wait: float = 0.0) -> None:
         """Record the worker's answers, in order: statistics (their verdicts and logging may ask for figures, so
@@ -353,7 +354,9 @@ class TrainingDiagnostics(Callback):
                     tbwrite.add_png_images(self._writer(trainer), result, step)
             if not wait or not answers:
                 break
-        if wait and self._worker is not None and self._worker.pending["stats"]:
+        if wait:
+            self._drop_dead_worker()
+        if wait and self._worker is not None and self._worker.pending["stats"]:  # alive, but too slow
             print(
                 f"[diagnostics] the worker process did not answer for {self._worker.pending['stats']} sampled "
                 "step(s); their statistics are lost",

@@ -94,6 +94,11 @@ def render_all(s: Snapshot, history: dict[str, list[tuple[int, float]]]) -> dict
     }
 
 
+def render_pngs(s: Snapshot, history: dict[str, list[tuple[int, float]]]) -> dict[str, tuple[bytes, int, int]]:
+    """Every figure of render_all as (PNG bytes, height, width)."""
+    return {tag: png(fig) for tag, fig in render_all(s, history).items()}
+
+
 def png(fig: Figure) -> tuple[bytes, int, int]:
     """The figure as PNG bytes, with its height and width in pixels."""
     buffer = io.BytesIO()

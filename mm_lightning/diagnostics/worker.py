@@ -67,9 +67,9 @@ def _read_frame(stream):
 # ------------------------------------------------------------------------------------------------- jobs
 
 
-def stats_job(step: int, loss, layers: list, params, threshold: float, bins: int, histograms: bool, rows=None) -> tuple:
+def _stats_job(step: int, loss, layers: list, params, rows, threshold: float, bins: int, histograms: bool) -> tuple:
     """A sampled step's captured CPU tensors as plain values and numpy arrays. The layers' tensors are the
-    callback's own copies, made for this step; the parameter rows are `rows` (a copy: see Worker.staging)."""
+    callback's own copies, made for this step; `rows` is the parameter rows' copy (see Worker.submit_stats)."""
     return (
         "stats",
         step,
@@ -158,7 +158,12 @@ class Worker:
                 written.set()
         self.process.stdin.close()
 
-    def staging(self, t):
+    def submit_stats(self, step: int, loss, layers: list, params, threshold: float, bins: int, histograms: bool):
+        """Queue the statistics of a sampled step (see stats.summarize for the arguments)."""
+        rows, written = self._stage(params.rows) if params is not None else (None, None)
+        self.submit(_stats_job(step, loss, layers, params, rows, threshold, bins, histograms), written)
+
+    def _stage(self, t):
         """A copy of CPU tensor t in one of two arrays kept for its shape, used in turn (a fresh array costs page
         faults every sample), unless the feeding thread has not yet written that slot's last contents out. Returns
         (array, the event to hand to submit)."""
