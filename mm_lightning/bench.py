@@ -18,6 +18,7 @@ Rows:
   loop after its warm-up); what a run pays once (step 0's diagnostics and figures, the last validation, checkpoint
   and figures) is the "one-off s" column: over a 200000-step run it is spread over 20x more steps than here;
 - fit, no diagnostics: the same with --diagnostics.every_n_steps 0 (so the diagnostics' cost is the ratio);
+- fit, plain Lightning loop: fit with --fast_path.lean_loop false (what the fast path buys);
 - fit, eager steps (GPU only): fit with --model.cuda_graph false, every step launched op by op;
 - eval: one pass over the whole val split with BatchNorm in eval mode, in examples/s.
 """
@@ -44,6 +45,9 @@ SIZES = {  # name: (batch size, hidden width, steps for a measurement)
     "small": (32, 100, None),  # the lecture's: --steps
     "wide": (4096, 1024, 60),  # how the cost grows: large matmuls, where threads and GPUs pay off
 }
+
+
+PLAIN = ("--fast_path.lean_loop", "false")  # what the fast path buys: Lightning's own loop, the same results
 
 
 class Stopwatch(L.Callback):
@@ -245,6 +249,7 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str)
             "lecture loop, 1 thread": partial(lecture_loop, xtr, ytr, config, batch, n, device, 1),
             "fit (defaults)": partial(fit_path, batch, hidden, n, device, data_path, True),
             "fit, no diagnostics": partial(fit_path, batch, hidden, n, device, data_path, False),
+            "fit, plain Lightning loop": partial(fit_path, batch, hidden, n, device, data_path, True, PLAIN),
         }
         if device == "cuda":
             del runs["lecture loop, 1 thread"]

@@ -13,6 +13,7 @@ fit/validate/test/predict are LightningCLI subcommands (configs in configs/, ove
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -34,11 +36,13 @@ from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NamesDataModule, downl
 from mm_lightning.diagnostics import tbwrite
 from mm_lightning.diagnostics.callback import TrainingDiagnostics
 from mm_lightning.errors import UsageError
+from mm_lightning.fastpath import FastPath
 from mm_lightning.model import MLP, MLPConfig, generate
-from mm_lightning.module import MakemoreModule, NonFiniteLossError
+from mm_lightning.module import LR_TAG, MakemoreModule, NonFiniteLossError
 from mm_lightning.progress import StepProgressBar
 from mm_lightning.runs import (
     RUNS_DIRNAME,
+    ResumedRunLogs,
     RunCheckpoint,
     SafeCheckpointIO,
     claim_version,
@@ -51,7 +55,7 @@ from mm_lightning.runs import (
 
 TRAINER_DEFAULTS = {
     "max_steps": 200_000,  # the lecture's run length
-    "log_every_n_steps": 50,  # train/loss is the mean loss over this many steps
+    "log_every_n_steps": 50,  # train/loss and train/lr are logged every this many optimizer steps
     "use_distributed_sampler": False,  # the DataModule draws minibatches and shards eval splits per rank itself
 }
 CHECKPOINT_DEFAULTS = {
@@ -88,7 +92,6 @@ class MakemoreCLI(LightningCLI):
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
             load_from_checkpoint_support=False,  # no class paths in checkpoints: they could choose code to run
-            auto_configure_optimizers=False,  # the module's SGD + step decay, configured under --model
             parser_kwargs={"exit_on_error": False},  # main() reports a parse error in one line
             args=self._argv,
             run=run,
@@ -100,6 +103,18 @@ class MakemoreCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(TrainingDiagnostics, "diagnostics")  # on by default
+        parser.add_lightning_class_args(FastPath, "fast_path")  # speed only: results are the same without it
+
+    @staticmethod
+    def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):
+        """--optimizer / --lr_scheduler replace the module's own SGD and step decay. A scheduler steps every
+        optimizer step, as the module's own does (Lightning's CLI default would step it once per epoch)."""
+        if lr_scheduler is None:
+            return optimizer
+        scheduler = {"scheduler": lr_scheduler, "interval": "step", "name": LR_TAG}
+        if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.update(interval="epoch", monitor=lr_scheduler.monitor)  # it needs a metric: val/loss, per epoch
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------------------------------------- resume
 
@@ -136,6 +151,21 @@ class MakemoreCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
             self.save_config_callback = None  # evaluating must not overwrite the run's training config.yaml
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("lr_scheduler") and not config.get("optimizer"):
+            # Lightning's CLI would drop it without a word: it only applies with an --optimizer
+            raise UsageError(
+                "--lr_scheduler needs --optimizer too (the module's own SGD has its own step decay): "
+                "e.g. --optimizer SGD --optimizer.lr 0.1 --lr_scheduler ..."
+            )
+        if config.get("optimizer"):
+            defaults = {k: v.default for k, v in inspect.signature(MakemoreModule).parameters.items()}
+            changed = [k for k in ("lr", "milestones", "lr_decay") if list_or(config.model[k]) != defaults[k]]
+            if changed:
+                raise UsageError(
+                    f"--model.{changed[0]} configures the module's own SGD, which --optimizer replaces; "
+                    "set --optimizer.lr (and --lr_scheduler) instead"
+                )
 
     def after_instantiate_classes(self) -> None:
         if self.resume is not None and self.datamodule.vocab != self.resume.vocab:
@@ -156,9 +186,12 @@ class MakemoreCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
+        callbacks = trainer.get("callbacks") or []
+        callbacks = [ResumedRunLogs(), *(callbacks if isinstance(callbacks, list) else [callbacks])]  # first
         if trainer.get("enable_progress_bar") is not False:
-            callbacks = trainer.get("callbacks") or []
-            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), StepProgressBar()]
+            callbacks.append(StepProgressBar())
+        # train/lr (the scheduler's "name") every log_every_n_steps optimizer steps, beside train/loss
+        kwargs["callbacks"] = [*callbacks, LearningRateMonitor(logging_interval="step")]
         return super().instantiate_trainer(**kwargs)
 
     def _run_logger(self, root_dir) -> TensorBoardLogger | bool:

@@ -182,18 +182,13 @@ class StepSampler:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def next_boundary(step: int, stop: int, periods: list[int]) -> int:
-    """The first step after `step` that is a multiple of any period, capped at stop."""
-    return min([stop] + [(step // p + 1) * p for p in periods if p > 0])
-
-
 class TrainStream(IterableDataset):
-    """One epoch of training minibatches, grouped into chunks of consecutive optimizer steps.
+    """One epoch of training minibatches, (x (B, T), y (B,)) for minibatches s, s+1, ... (one per optimizer step, or
+    accumulate_grad_batches per step: the DataModule counts in minibatches).
 
-    A chunk {'x': (k, B, T), 'y': (k, B), 'step': s} holds steps s .. s+k-1. Chunks end at multiples of every
-    period (steps_per_batch, the callbacks' every_n_steps, ...), so a step a callback samples is always the first
-    of its chunk. The epoch starts at the trainer's current global step (read when Lightning starts iterating,
-    after a checkpoint is restored) and ends at the next multiple of steps_per_epoch, or at max_steps.
+    The epoch starts at the trainer's current global step (read when Lightning starts iterating, after a checkpoint
+    is restored) and ends at the next multiple of steps_per_epoch, or at max_steps. Minibatch s is a pure function
+    of (seed, rank, s), so a resumed run draws exactly the minibatches an uninterrupted one would.
     """
 
     def __init__(
@@ -204,11 +199,10 @@ class TrainStream(IterableDataset):
         start_step: Callable[[], int],
         steps_per_epoch: int,
         max_steps: int,
-        periods: list[int],
     ):
         super().__init__()
         self.x, self.y, self.sampler, self.start_step = x, y, sampler, start_step
-        self.steps_per_epoch, self.max_steps, self.periods = steps_per_epoch, max_steps, periods
+        self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
 
     def epoch_bounds(self) -> tuple[int, int]:
         start = self.start_step()
@@ -217,12 +211,14 @@ class TrainStream(IterableDataset):
             stop = min(stop, self.max_steps)
         return start, stop
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step, stop = self.epoch_bounds()
-        while step < stop:
-            end = next_boundary(step, stop, self.periods)
+        while step < stop:  # gathered a sampler block at a time (one indexing op per 100 steps, not two per step)
+            end = min(stop, (step // StepSampler.BLOCK + 1) * StepSampler.BLOCK)
             ix = self.sampler.indices(step, end)
-            yield {"x": self.x[ix], "y": self.y[ix], "step": step}
+            xs, ys = self.x[ix], self.y[ix]
+            for i in range(end - step):
+                yield xs[i], ys[i]
             step = end
 
 
@@ -254,7 +250,6 @@ class NamesDataModule(L.LightningDataModule):
         block_size: int = 3,
         batch_size: int = 32,
         steps_per_epoch: int = 10_000,
-        steps_per_batch: int = 100,
         eval_batch_size: int = 32_768,
         seed: int = 2147483647,
         split_seed: int = 42,
@@ -266,9 +261,6 @@ class NamesDataModule(L.LightningDataModule):
             block_size: characters of context the model sees to predict the next one.
             batch_size: examples per optimizer step, drawn at random with replacement (the lecture's 32).
             steps_per_epoch: optimizer steps per epoch; every epoch ends with validation and a checkpoint.
-            steps_per_batch: optimizer steps per Lightning batch, to amortise Lightning's per-batch cost. Batches
-                are cut so that validation, checkpoints and sampled diagnostics steps stay exact; results do not
-                depend on it.
             eval_batch_size: examples per batch when evaluating a whole split (the default takes val in one go).
             seed: seed of the minibatch stream (the model's init is seeded by seed_everything).
             split_seed: random.seed for shuffling the words before the 80/10/10 cut (the lecture's 42).
@@ -279,7 +271,6 @@ class NamesDataModule(L.LightningDataModule):
             ("block_size", block_size),
             ("batch_size", batch_size),
             ("steps_per_epoch", steps_per_epoch),
-            ("steps_per_batch", steps_per_batch),
             ("eval_batch_size", eval_batch_size),
             ("num_samples", num_samples),
         ]:
@@ -294,7 +285,7 @@ class NamesDataModule(L.LightningDataModule):
         self.vocab = build_vocab(self.words)
         self.words_by_split = split_words(self.words, split_seed)  # now, so that too few words fails before any run
         self.block_size, self.batch_size = block_size, batch_size
-        self.steps_per_epoch, self.steps_per_batch = steps_per_epoch, steps_per_batch
+        self.steps_per_epoch = steps_per_epoch
         self.eval_batch_size, self.seed, self.split_seed = eval_batch_size, seed, split_seed
         self.num_samples = num_samples
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -317,29 +308,23 @@ class NamesDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _periods(self) -> list[int]:
-        """Steps at which a batch must start: ours, and every callback's `every_n_steps` (e.g. diagnostics)."""
-        periods = [self.steps_per_batch, self.steps_per_epoch]
-        for cb in self.trainer.callbacks if self.trainer is not None else []:
-            every = getattr(cb, "every_n_steps", None)
-            if isinstance(every, int) and every > 0:
-                periods.append(every)
-        return periods
-
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TrainStream:
         x, y = self.splits["train"]
         rank, _ = self._rank()
         trainer = self.trainer
+        # minibatches are counted in batches: with gradient accumulation an optimizer step takes several
+        per_step = trainer.accumulate_grad_batches if trainer is not None else 1
         stream = TrainStream(
             x,
             y,
             StepSampler(len(y), self.batch_size, self.seed, rank),
-            start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
-            steps_per_epoch=self.steps_per_epoch,
-            max_steps=trainer.max_steps if trainer is not None else -1,
-            periods=self._periods(),
+            start_step=(lambda: trainer.global_step * per_step) if trainer is not None else (lambda: 0),
+            steps_per_epoch=self.steps_per_epoch * per_step,
+            max_steps=trainer.max_steps * per_step if trainer is not None and trainer.max_steps >= 0 else -1,
         )
-        return DataLoader(stream, batch_size=None, pin_memory=self._on_cuda())
+        # the stream itself: it yields whole minibatches, and a DataLoader around it (batch_size=None, no workers)
+        # would only add ~50 us of per-batch machinery, a few % of a step of this model on a CPU
+        return stream
 
     def _eval_dataloader(self, split: str) -> DataLoader:
         x, y = self.splits[split]
@@ -355,6 +340,3 @@ class NamesDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """One batch of sample numbers: predict generates that many names (seeded by --data.seed)."""
         return DataLoader([torch.arange(self.num_samples) + self.seed], batch_size=None)
-
-    def _on_cuda(self) -> bool:
-        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"

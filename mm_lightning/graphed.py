@@ -1,14 +1,17 @@
-"""One CUDA graph per SGD training step, for the GPU.
+"""One CUDA graph per optimizer step of the template's own training step, for the GPU (used by fastpath.py).
 
 A step of this model is ~60 tiny kernels; on a GPU their launches and the Python around them, not the arithmetic,
-set the speed (eager: ~365 steps/s on an H100). Captured once as a CUDA graph, a whole step (read minibatch i of
-the chunk, forward, loss, gradients, SGD update, loss into slot i, i += 1) is one replay with no host sync.
+set the speed (eager: ~300 steps/s on an H100). Captured once as a CUDA graph, the whole step (forward, loss,
+gradients, SGD update, loss into a slot) is one replay.
 
-Everything the graph touches lives at fixed addresses: the model's parameters and buffers (which the eager path
-also updates in place, so eager and graphed steps interleave freely: diagnostics observe their sampled steps
-eagerly) and this object's chunk buffers. The SGD update is torch's own foreach kernel with the captured learning
-rate, so a graphed step computes what `optimizer.step()` computes; a new learning rate (an LR milestone) is
-captured anew.
+What it must preserve, step for step, is MakemoreModule.training_step followed by plain SGD's `optimizer.step()`:
+- the loss `cross_entropy(net(x), y)`, and BatchNorm's running statistics updated by that forward;
+- the update `p -= lr * grad`, torch's own foreach kernel (what SGD with momentum 0 runs on CUDA);
+- the non-finite stop: the update is masked out when the loss is not finite, so the parameters that produced it
+  are still there when the caller re-runs the step eagerly to report it (as training_step does).
+Everything the graph touches lives at fixed addresses: the parameters and buffers (which eager steps also update
+in place, so eager and graphed steps interleave freely: the diagnostics' sampled steps run eagerly) and this
+object's input and loss slots. A new learning rate (an LR milestone) is captured anew.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+
+from mm_lightning import compat
+
+MAX_CAPTURES = 4  # a learning rate that changes more often than this (OneCycleLR, say) is not worth a graph
 
 
 def can_graph(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> str | None:
@@ -36,81 +43,60 @@ def can_graph(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> s
 
 
 class GraphedSGDStep:
-    """Steps of `loss = cross_entropy(net(x), y)` + SGD over chunks of minibatches, one CUDA graph replay each."""
+    """`loss = cross_entropy(net(x), y)` + an SGD step, one CUDA graph replay each."""
 
-    def __init__(self, net: nn.Module, params: list[torch.Tensor], capacity: int = 1):
-        self.net, self.params, self.capacity = net, params, capacity  # capacity: the most steps a chunk holds
-        self.state = [*params, *net.buffers()]  # what a step changes: the non-finite report restores it
-        self.saved: list[torch.Tensor] | None = None
-        self.xs = self.ys = self.losses = None  # chunk buffers, allocated for the first chunk
-        self.index = torch.zeros(1, dtype=torch.long, device=params[0].device)  # the next step's slot
+    def __init__(self, net: nn.Module, params: list[torch.Tensor]):
+        self.net, self.params = net, params
+        self.state = [*params, *net.buffers()]  # what a step changes (the warm-up before a capture restores it)
+        self.x = self.y = None  # input slots, allocated for the first batch
+        self.loss = torch.zeros((), dtype=torch.float32, device=params[0].device)  # the last step's loss
         self.graph: torch.cuda.CUDAGraph | None = None
         self.lr: float | None = None  # the learning rate the graph was captured with
-        self.failed = False  # a capture failed: eager steps from then on
+        self.captures = 0
+        self.off: str | None = None  # why graphs stopped (eager steps from then on)
 
-    # ------------------------------------------------------------------------------------------------ chunks
-
-    @torch.no_grad()
-    def begin(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        """Load a chunk (k steps' minibatches) into the graph's buffers; returns the k loss slots."""
-        k = len(xs)
-        if self.xs is None or xs.shape[1:] != self.xs.shape[1:] or k > len(self.xs) or xs.dtype != self.xs.dtype:
-            n = max(k, self.capacity)  # new addresses: the graph must be captured again
-            self.xs = xs.new_empty((n, *xs.shape[1:]))
-            self.ys = ys.new_empty((n, *ys.shape[1:]))
-            self.losses = torch.empty(n, dtype=torch.float32, device=xs.device)
-            self.graph = None
-        self.xs[:k].copy_(xs)
-        self.ys[:k].copy_(ys)
-        self.index.zero_()
-        if self.saved is None:
-            self.saved = [t.clone() for t in self.state]
-        else:
-            torch._foreach_copy_(self.saved, self.state)
-        return self.losses[:k]
-
-    def seek(self, i: int) -> None:
-        """The next replay runs slot i (after steps that ran eagerly)."""
-        self.index.fill_(i)
-
-    def ready(self, lr: float) -> bool:
-        """Whether a graph for this learning rate is there (captured now if needed). A capture that fails (an
-        autograd graph of an earlier step kept alive, say) leaves the eager path in charge, with a warning."""
-        if self.failed:
+    def ready(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> bool:
+        """Load the batch into the input slots; whether a graph for this learning rate is there (captured now if
+        needed). A capture that fails leaves the eager path in charge, with a warning."""
+        if self.off is not None:
             return False
+        if self.x is None or x.shape != self.x.shape or y.shape != self.y.shape or x.dtype != self.x.dtype:
+            self.x, self.y, self.graph = torch.empty_like(x), torch.empty_like(y), None  # new addresses
+        with torch.no_grad():
+            self.x.copy_(x, non_blocking=True)
+            self.y.copy_(y, non_blocking=True)
         if self.graph is None or lr != self.lr:
+            if self.captures >= MAX_CAPTURES:
+                return self._stop(f"the learning rate changed {self.captures} times")
             try:
                 self._capture(lr)
             except Exception as e:  # noqa: BLE001 - whatever broke the capture, the eager path still trains
-                self.failed, self.graph = True, None
-                rank_zero_warn(f"CUDA graph capture failed, training steps run eagerly from here: {e}".split("\n")[0])
-                return False
+                return self._stop(f"CUDA graph capture failed ({str(e).splitlines()[0]})")
         return True
 
-    def replay(self) -> None:
+    def _stop(self, why: str) -> bool:
+        self.off, self.graph = why, None
+        rank_zero_warn(f"{why}: training steps run eagerly from here")
+        return False
+
+    def replay(self) -> torch.Tensor:
+        """One step on the loaded batch; returns the loss slot (overwritten by the next step)."""
         self.graph.replay()
-
-    @torch.no_grad()
-    def rewind(self) -> None:
-        """Parameters and buffers back to where the chunk began (to re-run it up to a non-finite step)."""
-        torch._foreach_copy_(self.state, self.saved)
-
-    # ------------------------------------------------------------------------------------------------ capture
+        return self.loss
 
     def step(self, lr: float) -> None:
-        """One step on slot `index`, the function the graph holds (also runnable eagerly)."""
-        x = self.xs.index_select(0, self.index)[0]
-        y = self.ys.index_select(0, self.index)[0]
-        loss = F.cross_entropy(self.net(x), y)
+        """The function the graph holds (also runnable eagerly, on any device)."""
+        loss = F.cross_entropy(self.net(self.x), self.y)
         grads = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
-            torch._foreach_add_(self.params, grads, alpha=-lr)  # what SGD(momentum=0).step() runs on CUDA
-            self.losses.index_copy_(0, self.index, loss.detach().view(1))
-            self.index.add_(1)
+            finite = torch.isfinite(loss)
+            grads = [torch.where(finite, g, torch.zeros_like(g)) for g in grads]  # no update from a NaN/Inf loss
+            compat.foreach_add_(self.params, grads, alpha=-lr)  # what SGD(momentum=0).step() runs on CUDA
+            self.loss.copy_(loss.detach())
 
     def _capture(self, lr: float) -> None:
         with torch.no_grad():
-            before = [t.clone() for t in (*self.state, self.index)]
+            before = [t.clone() for t in self.state]
         side = torch.cuda.Stream()  # warm-up (lazy inits, cuBLAS workspaces) off the default stream, as torch asks
         side.wait_stream(torch.cuda.current_stream())
         try:
@@ -120,22 +106,8 @@ class GraphedSGDStep:
         finally:
             torch.cuda.current_stream().wait_stream(side)
             with torch.no_grad():  # the warm-up trained: put everything back
-                torch._foreach_copy_([*self.state, self.index], before)
+                compat.foreach_copy_(self.state, before)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records, runs nothing
             self.step(lr)
-        self.lr = lr
-
-
-def observed(optimizer: torch.optim.Optimizer, modules: list[nn.Module]) -> bool:
-    """Whether anything watches the next step (hooks on the optimizer or on a module): it must then run eagerly."""
-    from torch.nn.modules import module as m
-    from torch.optim import optimizer as o
-
-    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
-        return True
-    if o._global_optimizer_pre_hooks or o._global_optimizer_post_hooks:
-        return True
-    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
-        return True
-    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks for x in modules)
+        self.lr, self.captures = lr, self.captures + 1

@@ -105,7 +105,8 @@ def _initial_loss(run_dir: Path) -> float:
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    return next((e.value for e in acc.Scalars("train/loss") if e.step == 0), math.nan)
+    # the diagnostics' sampled/loss: the loss of step 0's minibatch at init (train/loss starts at log_every_n_steps)
+    return next((e.value for e in acc.Scalars("sampled/loss") if e.step == 0), math.nan)
 
 
 def run(configs: list[Path], out: Path, jobs: int, max_steps: int | None, data_path: str | None) -> list[Result]:

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from mm_lightning import compat
 from mm_lightning.errors import UsageError
 
 RUNS_DIRNAME = "lightning_logs"
@@ -146,12 +147,50 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # i.e. not saved at this step
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and not compat.checkpoint_saved_at_this_step(self, trainer):
+            compat.save_last_checkpoint(self, trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_global_step_saved": self._last_global_step_saved}
+        return {**super().state_dict(), "last_global_step_saved": compat.last_saved_step(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._last_global_step_saved = state_dict.get("last_global_step_saved", self._last_global_step_saved)
+        compat.set_last_saved_step(self, state_dict.get("last_global_step_saved", compat.last_saved_step(self)))
+
+
+class ResumedRunLogs(Callback):
+    """A resumed run's TensorBoard curves, continued as if it had never stopped.
+
+    - Lightning restores the step loggers write at off by one in some restart stages (compat.realign_logging_step):
+      put it back on the optimizer step at the first batch, before any callback logs (keep this callback first).
+    - TensorBoard purges everything the killed run logged from the checkpoint's step on (what came after the
+      checkpoint), and the val/loss measured at that very step, just before the checkpoint was written, would go
+      with it: write it again.
+    """
+
+    def __init__(self):
+        self.last: tuple[int, float] | None = None  # (step, val/loss) of the latest validation while fitting
+        self._realign = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        value = trainer.callback_metrics.get("val/loss")
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and value is not None:
+            self.last = (trainer.global_step, float(value))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._realign = trainer.global_step > 0
+        if self.last is not None and self.last[0] == trainer.global_step > 0 and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"val/loss": self.last[1]}, step=self.last[0])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._realign:
+            self._realign = False
+            compat.realign_logging_step(trainer)
+
+    def state_dict(self) -> dict:
+        return {"last": None if self.last is None else list(self.last)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        last = state_dict.get("last")
+        self.last = None if last is None else (int(last[0]), float(last[1]))

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# CI and developers keep the dataset beside the checkout (../shared/data/names.txt); never in the repository
-NAMES = Path(os.environ.get("MM_LIGHTNING_NAMES", ROOT.parent / "shared" / "data" / "names.txt"))
+# names.txt is never committed: the README's set-up puts it in data/, CI keeps it beside the checkout
+# (../shared/data/names.txt), and $MM_LIGHTNING_NAMES may point anywhere; the first that exists is used
+CANDIDATES = [ROOT / "data" / "names.txt", ROOT.parent / "shared" / "data" / "names.txt"]
+CANDIDATES += [Path(os.environ["MM_LIGHTNING_NAMES"])] if os.environ.get("MM_LIGHTNING_NAMES") else []
+NAMES = next((p for p in CANDIDATES if p.is_file()), CANDIDATES[-1])
 
 # a small, fast network for CLI tests (the default one is tested on its own)
 SMALL = ["--model.net.n_hidden", "16", "--model.net.n_layers", "2", "--trainer.enable_model_summary", "false"]
@@ -21,7 +24,8 @@ SMALL = ["--model.net.n_hidden", "16", "--model.net.n_layers", "2", "--trainer.e
 @pytest.fixture(scope="session")
 def names_file() -> Path:
     if not NAMES.is_file():
-        pytest.fail(f"names.txt not found at {NAMES}; set MM_LIGHTNING_NAMES or put it in ../shared/data/")
+        tried = ", ".join(str(p) for p in CANDIDATES)
+        pytest.fail(f"names.txt not found (tried {tried}); run `python -m mm_lightning.cli download` first")
     return NAMES
 
 

@@ -21,6 +21,7 @@ def test_bench_prints_per_repeat_ratios_and_writes_json(tmp_path, names_file):
         "lecture loop, 1 thread",
         "fit (defaults)",
         "fit, no diagnostics",
+        "fit, plain Lightning loop",
         "diagnostics cost",
         "eval, whole val split",
     }

@@ -36,8 +36,8 @@ def trained(tmp_path_factory, names_file):
 
 def test_fit_writes_tensorboard_events_and_checkpoints(trained):
     run_dir, tags = trained["run_dir"], trained["after_first"]
-    assert [s for s, _ in tags["train/loss"]] == [0, 50, 100, 150]
-    assert abs(tags["train/loss"][0][1] - 3.2958) < 0.1  # the loss at step 0 is ln(27)
+    assert [s for s, _ in tags["train/loss"]] == [49, 99, 149, 199]  # every log_every_n_steps optimizer steps
+    assert abs(tags["sampled/loss"][0][1] - 3.2958) < 0.1 and tags["sampled/loss"][0][0] == 0  # ln(27) at step 0
     assert [s for s, _ in tags["val/loss"]] == [200]
     assert tags["train/lr"][0][1] == pytest.approx(0.1)
     ckpt = trained["first_ckpt"]  # loads with weights_only=True: plain values only
@@ -56,7 +56,7 @@ def test_restart_continues_the_same_run_directory(trained):
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 400  # the schedule continued too
     tags = scalars(run_dir)
     steps = [s for s, _ in tags["train/loss"]]
-    assert steps == [0, 50, 100, 150, 200, 250, 300, 350]  # one curve, continued, nothing twice
+    assert steps == [49, 99, 149, 199, 249, 299, 349, 399]  # one curve, continued, nothing twice
     assert [s for s, _ in tags["val/loss"]] == [200, 400]
     best = list((run_dir / "checkpoints").glob("best-step=*.ckpt"))
     assert len(best) == 1 and "step=400" in best[0].name  # val/loss improved: the best moved on

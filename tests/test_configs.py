@@ -33,11 +33,13 @@ def test_config_is_documented_and_fits_a_few_steps(path: Path, project, monkeypa
     root = project / "out"
     args = ["fit", "--config", str(path), "--trainer.max_steps", "20", "--data.steps_per_epoch", "10"]
     args += ["--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false"]
+    args += ["--trainer.log_every_n_steps", "5"]
     assert main(args) == 0
     run = root / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     tags = scalars(run)
     assert [s for s, _ in tags["val/loss"]] == [10, 20]
+    assert [s for s, _ in tags["train/loss"]] == [4, 9, 14, 19]
     assert all(v == v for _, v in tags["train/loss"])  # finite (NaN != NaN)
 
 
@@ -51,8 +53,9 @@ def test_loss_at_step_0_tells_the_lectures_story(path: Path, project, monkeypatc
 
     monkeypatch.chdir(project)
     args = ["fit", "--config", str(path), "--trainer.max_steps", "1", "--trainer.default_root_dir", "out"]
+    args += ["--trainer.log_every_n_steps", "1"]  # train/loss at every step: step 0's is the one
     assert main([*args, "--trainer.enable_model_summary", "false", "--diagnostics.every_n_steps", "0"]) == 0
-    loss0 = dict(scalars(project / "out" / "lightning_logs" / "version_0")["train/loss"])[0]  # step 0 alone
+    loss0 = dict(scalars(project / "out" / "lightning_logs" / "version_0")["train/loss"])[0]
     if path.stem == "original":
         assert loss0 > 15, loss0
     else:

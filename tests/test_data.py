@@ -10,7 +10,6 @@ from mm_lightning.data import (
     TrainStream,
     build_vocab,
     build_windows,
-    next_boundary,
     read_words,
     split_words,
 )
@@ -60,16 +59,16 @@ def test_step_sampler_is_a_pure_function_of_the_step():
     assert not torch.equal(whole, StepSampler(1000, 8, seed=2).indices(0, 350))
 
 
-def test_train_stream_cuts_chunks_at_every_period_and_stops_at_epoch_end():
+def test_train_stream_yields_step_s_minibatch_from_the_trainer_step_to_the_epoch_end():
     x, y = torch.arange(50).view(-1, 1), torch.arange(50)
-    stream = TrainStream(x, y, StepSampler(50, 4, 0), lambda: 130, steps_per_epoch=200, max_steps=-1, periods=[50, 70])
-    chunks = list(stream)
-    starts = [c["step"] for c in chunks]
-    assert starts == [130, 140, 150]  # multiples of 50 and of 70 start a chunk; the epoch ends at 200
-    assert sum(c["x"].shape[0] for c in chunks) == 70
-    assert all(torch.equal(c["x"][..., 0], c["y"]) for c in chunks)  # x and y are the same examples
-    capped = TrainStream(x, y, StepSampler(50, 4, 0), lambda: 0, steps_per_epoch=200, max_steps=120, periods=[100])
-    assert [c["step"] for c in capped] == [0, 100] and next_boundary(100, 120, [100]) == 120
+    sampler = StepSampler(50, 4, 0)
+    batches = list(TrainStream(x, y, sampler, lambda: 130, steps_per_epoch=200, max_steps=-1))
+    assert len(batches) == 70  # steps 130 .. 199: the epoch ends at the next multiple of 200
+    for step, (bx, by) in zip(range(130, 200), batches):
+        ix = StepSampler(50, 4, 0).indices(step, step + 1)[0]  # a fresh sampler: a pure function of the step
+        assert torch.equal(bx, x[ix]) and torch.equal(by, y[ix])
+    capped = list(TrainStream(x, y, sampler, lambda: 0, steps_per_epoch=200, max_steps=120))
+    assert len(capped) == 120
 
 
 def test_eval_batches_cover_every_example_once_across_ranks():

@@ -60,17 +60,6 @@ def test_resume_is_bitwise_the_same_as_one_run(project, monkeypatch, first, tota
     assert split == whole  # the same curve, point for point, in the same run directory
 
 
-def test_results_do_not_depend_on_steps_per_batch(project, monkeypatch):
-    """The chunking of optimizer steps into Lightning batches is a speed setting only."""
-    monkeypatch.chdir(project)
-    assert _fit("a", 250, "--data.steps_per_epoch", "100", "--data.steps_per_batch", "7") == 0
-    assert _fit("b", 250, "--data.steps_per_epoch", "100", "--data.steps_per_batch", "100") == 0
-    _same_state(_last("a"), _last("b"))
-    runs = [scalars(project / d / "lightning_logs" / "version_0") for d in ("a", "b")]
-    assert runs[0]["train/loss"] == runs[1]["train/loss"] and runs[0]["val/loss"] == runs[1]["val/loss"]
-    assert runs[0]["act/std/net.layers.2"] == runs[1]["act/std/net.layers.2"]  # diagnostics sampled alike
-
-
 # ------------------------------------------------------------------------------------------ crash-safe restart
 
 # fit, with every checkpoint write made slow half-way through, announced on stdout so the test can kill it there

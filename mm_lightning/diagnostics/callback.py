@@ -166,13 +166,14 @@ class TrainingDiagnostics(Callback):
         if not isinstance(output, torch.Tensor) or name in self._captured_names:
             return  # first call of the sampled step only
         self._captured_names.add(name)
-        captured = CapturedLayer(name, module, output.detach().clone())
+        # a float32 copy: statistics in float32 whatever the precision (bf16/fp16 under autocast)
+        captured = CapturedLayer(name, module, output.detach().to(torch.float32, copy=True))
         self._layers.append(captured)
         if output.requires_grad:
 
             def keep_grad(grad: torch.Tensor) -> None:
                 if captured.grad is None:
-                    captured.grad = grad.detach().clone()
+                    captured.grad = grad.detach().to(torch.float32, copy=True)
 
             output.register_hook(keep_grad)
 
@@ -418,6 +419,8 @@ def _merge(captured: list[CapturedParams]) -> CapturedParams | None:
 
 def snapshot_scalars(s: Snapshot) -> dict[str, float]:
     out: dict[str, float] = {}
+    if s.loss is not None:
+        out["sampled/loss"] = s.loss  # the loss of the sampled step's minibatch, before its update (step 0: init)
     for x in s.layers:
         out[f"act/mean/{x.name}"] = x.mean
         out[f"act/std/{x.name}"] = x.std
