@@ -33,8 +33,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NamesDataModule, download_names
-from mm_lightning.diagnostics import tbwrite
-from mm_lightning.diagnostics.callback import TrainingDiagnostics
+from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
 from mm_lightning.errors import UsageError
 from mm_lightning.fastpath import FastPath
 from mm_lightning.model import MLP, MLPConfig, generate
@@ -413,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except DiagnosticsConfigError as e:  # it names its Python argument: the CLI's is --diagnostics.<argument>
+        if debug:
+            raise
+        print(f"error: --diagnostics.{' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except ArgumentError as e:
         if debug:

@@ -338,6 +338,13 @@ def test_tensorboard_serves_the_diagnostics_over_http(project, monkeypatch):
         assert "figures/1_activations" in get("images/tags")["version_0"]
         assert "act_hist/net.layers.1" in get("histograms/tags")["version_0"]
         assert any(t.startswith("health/") for t in get("text/tags").get("version_0", []))
+        # every failing verdict of a step is in the Text tab, not only the last one written under its tag
+        saturated = [t.split("/")[-1] for t in tags if t.startswith("act/saturation/")]
+        saturated = [
+            n for n in saturated if get("scalars/scalars", run="version_0", tag=f"act/saturation/{n}")[0][2] > 30
+        ]
+        text = next(e["text"] for e in get("text/text", run="version_0", tag="health/saturation") if e["step"] == 0)
+        assert len(saturated) >= 2 and all(f"{name} (Tanh)" in text for name in saturated), text
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -420,3 +427,96 @@ def test_a_dead_worker_process_leaves_the_statistics_inline(project, monkeypatch
     assert "[diagnostics] the worker process stopped (exit code 1)" in capsys.readouterr().err
     steps = [s for s, _ in scalars(project / "runs" / "lightning_logs" / "version_0")["act/std/net.layers.2"]]
     assert steps in ([50, 100], [0, 50, 100])  # only what the dead worker never answered (step 0) may be lost
+
+
+def test_every_histogram_belongs_to_its_tensor(names_file):
+    """Each histogram's count is its tensor's element count and its range that tensor's min/max, checked against
+    the gradients themselves (the weight-gradient histograms once went to other parameters of the same size)."""
+    import lightning as L
+
+    from mm_lightning.data import NamesDataModule
+    from mm_lightning.module import MakemoreModule
+
+    class Grads(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 0:
+                self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters()}
+
+    L.seed_everything(0)
+    module, grads = MakemoreModule(), Grads()  # the lecture's deep network: parameters of many sizes
+    diagnostics = TrainingDiagnostics(every_n_steps=1, histograms_every_n_steps=1, figures_every_n_steps=0)
+    diagnostics.stats_in_worker = False
+    trainer = L.Trainer(max_steps=1, callbacks=[grads, diagnostics], logger=False, enable_checkpointing=False)
+    trainer.fit(module, NamesDataModule(path=str(names_file), steps_per_epoch=10))
+    s = diagnostics.last_snapshot
+    assert s.step == 0 and len(s.weights) == 7
+    for p in s.weights:
+        g = grads.grads[p.name]
+        assert sum(p.grad_hist.counts) == g.numel(), p.name
+        assert p.grad_hist.edges[0] == pytest.approx(g.min().item()), p.name
+        assert p.grad_hist.edges[-1] == pytest.approx(g.max().item()), p.name
+    for x in s.layers:
+        assert sum(x.hist.counts) == 32 * 100 and sum(x.grad_hist.counts) == 32 * 100, x.name
+
+
+PORTABLE = """
+import sys
+
+class NoProject:  # the project around the package is not there
+    def find_spec(self, name, path=None, target=None):
+        if name == "mm_lightning" or name.startswith("mm_lightning."):
+            raise ImportError("mm_lightning is not installed in this project")
+
+sys.meta_path.insert(0, NoProject())
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from mydiag import HealthThresholds, TrainingDiagnostics
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layers(x), y)
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1)), batch_size=8)
+diagnostics = TrainingDiagnostics(every_n_steps=5, histograms_every_n_steps=5, figures_every_n_steps=5,
+                                  health=HealthThresholds(max_saturation=0.5))
+trainer = L.Trainer(max_steps=12, callbacks=[diagnostics], logger=TensorBoardLogger("logs"), enable_progress_bar=False)
+trainer.fit(Net(), data)
+assert diagnostics.last_snapshot.step == 10, diagnostics.last_snapshot
+assert not any(m.startswith("mm_lightning") for m in sys.modules)
+print("steps", sorted(s for s, _ in diagnostics.update_history["layers.0.weight"]))
+"""
+
+
+def test_the_package_works_copied_into_another_project(tmp_path):
+    """diagnostics/ copied as another project's `mydiag`, with mm_lightning nowhere: it trains, samples, logs,
+    and its worker process starts from the copy (statistics and figures)."""
+    import shutil
+
+    from tests.conftest import ROOT
+
+    shutil.copytree(ROOT / "mm_lightning" / "diagnostics", tmp_path / "mydiag")
+    (tmp_path / "train.py").write_text(PORTABLE)
+    proc = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps [0, 5, 10]" in proc.stdout
+    assert "worker process stopped" not in proc.stderr and "no worker process" not in proc.stderr
+    from tests.conftest import scalars
+
+    tags = scalars(next((tmp_path / "logs").glob("lightning_logs/version_0")))
+    assert [s for s, _ in tags["act/std/layers.1"]] == [0, 5, 10]
+
+
+def test_a_bad_argument_names_the_python_argument_and_the_cli_its_option(project, capsys):
+    from mm_lightning.diagnostics import DiagnosticsConfigError
+
+    with pytest.raises(DiagnosticsConfigError, match=r"^every_n_steps must be 0 \(off\) or more, got -1"):
+        TrainingDiagnostics(every_n_steps=-1)
+    assert main(["fit", "--diagnostics.every_n_steps", "-1", "--trainer.max_steps", "1"]) == 2
+    assert "error: --diagnostics.every_n_steps must be 0 (off) or more, got -1" in capsys.readouterr().err

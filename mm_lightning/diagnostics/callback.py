@@ -24,13 +24,16 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from mm_lightning.diagnostics import figures, tbwrite
-from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, Snapshot, is_activation, summarize
-from mm_lightning.diagnostics.verdicts import CHECKS, HealthThresholds, Verdict, judge
-from mm_lightning.diagnostics.worker import Worker, figures_job
-from mm_lightning.errors import UsageError
+from . import figures, tbwrite
+from .stats import CapturedLayer, CapturedParams, Snapshot, is_activation, summarize
+from .verdicts import CHECKS, HealthThresholds, Verdict, judge
+from .worker import Worker, figures_job
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX} if dist.is_available() else {}
+
+
+class DiagnosticsConfigError(ValueError):
+    """A bad argument of TrainingDiagnostics: the message starts with the argument's name (a CLI adds its prefix)."""
 
 
 def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
@@ -72,19 +75,19 @@ class TrainingDiagnostics(Callback):
         """
         super().__init__()
         if every_n_steps < 0:
-            raise UsageError(f"--diagnostics.every_n_steps must be 0 (off) or more, got {every_n_steps}")
+            raise DiagnosticsConfigError(f"every_n_steps must be 0 (off) or more, got {every_n_steps}")
         if figures_every_n_steps and not histograms_every_n_steps:
-            raise UsageError("--diagnostics.figures_every_n_steps needs histograms: set histograms_every_n_steps too")
+            raise DiagnosticsConfigError("figures_every_n_steps needs histograms: set histograms_every_n_steps too")
         for name, value, base, base_name in [
             ("histograms_every_n_steps", histograms_every_n_steps, every_n_steps, "every_n_steps"),
             ("figures_every_n_steps", figures_every_n_steps, histograms_every_n_steps, "histograms_every_n_steps"),
         ]:
             if value < 0 or (value and base and value % base):
-                raise UsageError(f"--diagnostics.{name} ({value}) must be 0 or a multiple of {base_name} ({base})")
+                raise DiagnosticsConfigError(f"{name} ({value}) must be 0 or a multiple of {base_name} ({base})")
         if not 0 < saturation_threshold < 1:
-            raise UsageError(f"--diagnostics.saturation_threshold must be in (0, 1), got {saturation_threshold}")
+            raise DiagnosticsConfigError(f"saturation_threshold must be in (0, 1), got {saturation_threshold}")
         if histogram_bins < 2:
-            raise UsageError(f"--diagnostics.histogram_bins must be at least 2, got {histogram_bins}")
+            raise DiagnosticsConfigError(f"histogram_bins must be at least 2, got {histogram_bins}")
         self.every_n_steps = every_n_steps  # also read by NamesDataModule: a sampled step starts a batch
         self.patterns = list(layers) if layers else None
         self.saturation_threshold = saturation_threshold
@@ -134,8 +137,8 @@ class TrainingDiagnostics(Callback):
             if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(type(m).__name__, p) for p in self.patterns)
         ]
         if not chosen:
-            raise UsageError(
-                f"--diagnostics.layers {self.patterns} matches no module of {type(pl_module).__name__}; "
+            raise DiagnosticsConfigError(
+                f"layers {self.patterns} matches no module of {type(pl_module).__name__}; "
                 "give module paths (see the model summary) or class names such as Tanh"
             )
         return chosen
@@ -322,12 +325,14 @@ class TrainingDiagnostics(Callback):
         else:
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=s.step)
-        for v in verdicts:
-            if not v.ok and (v.check, v.subject) not in self.warned:
-                self.warned.add((v.check, v.subject))
-                print(f"[diagnostics] step {s.step}: {v.message}", file=sys.stderr)
-                if writer is not None:
-                    writer.add_text(f"health/{v.check}", f"step {s.step}: {v.message}", s.step)
+        new = [v for v in verdicts if not v.ok and (v.check, v.subject) not in self.warned]
+        for v in new:
+            self.warned.add((v.check, v.subject))
+            print(f"[diagnostics] step {s.step}: {v.message}", file=sys.stderr)
+        if writer is not None:  # one entry per check and step: TensorBoard shows only the last of a tag and step
+            for check in dict.fromkeys(v.check for v in new):
+                lines = [f"- step {s.step}: {v.message}" for v in new if v.check == check]
+                writer.add_text(f"health/{check}", "\n".join(lines), s.step)
 
     def _log_figures(self, trainer: L.Trainer, s: Snapshot) -> None:
         """Hand the figures of s to the worker process (drawn inline if none can be started)."""

@@ -12,7 +12,7 @@ import io
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mm_lightning.diagnostics.snapshot import Histogram, Snapshot
+from .snapshot import Histogram, Snapshot
 
 SIZE = (10, 3.2)  # inches, as wide and flat as the lecture's plots
 DPI = 80

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mm_lightning.diagnostics.snapshot import Snapshot
-from mm_lightning.diagnostics.verdicts import Verdict
+from .snapshot import Snapshot
+from .verdicts import Verdict
 
 
 def _f(value: float | None, spec: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mm_lightning.diagnostics.snapshot import Histogram, LayerStats, ParamStats, Snapshot
+from .snapshot import Histogram, LayerStats, ParamStats, Snapshot
 
 # Activations whose output is bounded, mapped to [-1, 1] (t * scale + shift) before thresholding |t| > threshold.
 # Unbounded ones (ReLU, GELU, ...) have no saturation, only dead units.
@@ -310,8 +310,11 @@ class _Params:
         self.h["gh"] = p.add("sum", torch.cat(counts))
 
     def fill_histograms(self, stats: list[ParamStats], get, bins: int) -> None:
+        """stats are in the optimizer's order (see stats()), the histograms in the rows' order (grouped by shape):
+        row i is the parameter at optimizer position order[i]."""
         counts = get(self.h["gh"])
-        for i, s in enumerate(stats):
+        for i in range(len(self.p.names)):
+            s = stats[i if self.p.order is None else self.p.order[i]]
             if len(s.shape) >= 2:
                 s.grad_hist = Histogram(_edges(*self.ranges[i], bins), counts[i * bins : (i + 1) * bins])
 

@@ -7,7 +7,7 @@ google-crc32c's C implementation (the same checksum, ~1000x faster) when it is i
 
 from __future__ import annotations
 
-from mm_lightning.diagnostics.snapshot import Histogram
+from .snapshot import Histogram
 
 
 def speed_up() -> bool:

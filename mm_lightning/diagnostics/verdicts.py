@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mm_lightning.diagnostics.stats import Snapshot
+from .stats import Snapshot
 
 CHECKS = (
     "nonfinite",

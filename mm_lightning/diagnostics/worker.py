@@ -3,7 +3,7 @@
 On a CPU the statistics of one sampled step are ~60 small tensor ops, ~1.4 ms of Python and dispatch overhead
 (about 2% of training at every 100 steps, where training uses one core of several), and a figure ~100 ms holding
 the GIL. The training process only pickles what it captured (~0.1 ms); this process, one per run, started as
-`python -m mm_lightning.diagnostics.worker`, runs the same `summarize` (one thread) or draws the figures, and sends
+`python -m <this package>.worker`, runs the same `summarize` (one thread) or draws the figures, and sends
 the result back. Results come back in the order the jobs went. It exits when its stdin closes, so it never
 outlives its trainer.
 
@@ -14,6 +14,7 @@ are this module, in processes this project starts; nothing from outside is ever 
 
 from __future__ import annotations
 
+import os
 import pickle
 import queue
 import subprocess
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 
-from mm_lightning.diagnostics.snapshot import Snapshot
+from .snapshot import Snapshot
 
 
 def _pack(obj) -> tuple[bytes, list[pickle.PickleBuffer]]:
@@ -93,7 +94,7 @@ def figures_job(snapshot: Snapshot, history: dict[str, list[tuple[int, float]]])
 def _run_stats(step: int, job: dict) -> Snapshot:
     import torch
 
-    from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, summarize
+    from .stats import CapturedLayer, CapturedParams, summarize
 
     layers = [
         CapturedLayer(name, None, torch.from_numpy(out), None if grad is None else torch.from_numpy(grad), kind, bounds)
@@ -108,7 +109,7 @@ def _run_stats(step: int, job: dict) -> Snapshot:
 
 
 def _run_figures(job: tuple) -> dict:
-    from mm_lightning.diagnostics import figures  # matplotlib: imported only when a figure is asked for
+    from . import figures  # matplotlib: imported only when a figure is asked for
 
     snapshot, history = job
     return {tag: figures.png(fig) for tag, fig in figures.render_all(snapshot, history).items()}
@@ -137,8 +138,13 @@ class Worker:
     back."""
 
     def __init__(self):
+        # this package, under whatever name it has in the project it was copied into, importable from the folder
+        # that holds its top-level package (the training process imported it from there)
+        top = sys.modules[__package__.split(".")[0]]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(top.__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mm_lightning.diagnostics.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-m", f"{__package__}.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
