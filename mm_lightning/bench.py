@@ -19,7 +19,7 @@ Rows:
   and figures) is the "one-off s" column: over a 200000-step run it is spread over 20x more steps than here;
 - fit, no diagnostics: the same with --diagnostics.every_n_steps 0 (so the diagnostics' cost is the ratio);
 - fit, plain Lightning loop: fit with --fast_path.lean_loop false (what the fast path buys);
-- fit, eager steps (GPU only): fit with --model.cuda_graph false, every step launched op by op;
+- fit, eager steps (GPU only): fit with --fast_path.cuda_graph false, every step launched op by op;
 - eval: one pass over the whole val split with BatchNorm in eval mode, in examples/s.
 """
 
@@ -254,7 +254,7 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str)
         if device == "cuda":
             del runs["lecture loop, 1 thread"]
             runs["one CUDA graph per step"] = partial(graph_floor, xtr, ytr, config, batch, n, device)
-            eager = ("--model.cuda_graph", "false")  # what the CUDA graph buys, within fit
+            eager = ("--fast_path.cuda_graph", "false")  # what the CUDA graph buys, within fit
             runs["fit, eager steps"] = partial(fit_path, batch, hidden, n, device, data_path, True, eager)
         measured: dict[str, list[float]] = {name: [] for name in runs}
         one_off: dict[str, list[float]] = {}

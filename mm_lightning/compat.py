@@ -75,9 +75,20 @@ def end_batch(trainer, refresh: bool) -> None:
     results.batch_size = None
 
 
-def validation_by_time(trainer) -> bool:
-    """Whether validation is due by wall-clock time (val_check_interval as a duration): it cannot be foreseen."""
-    return trainer._val_check_time_interval is not None
+def validation_may_run(loop) -> bool:
+    """Whether the training epoch loop may validate after this batch: _TrainingEpochLoop._should_check_val_fx's
+    reasons to say yes, without its reasons to say no (it checks the epoch, and whether validation is on at all,
+    through ~15 us of lookups). Saying yes too often only costs a refresh (see end_batch); never too rarely."""
+    trainer = loop.trainer
+    if loop.batch_progress.is_last_batch or trainer.should_stop or trainer._val_check_time_interval is not None:
+        return True
+    every = trainer.val_check_batch
+    if isinstance(trainer.limit_train_batches, int) and every == float("inf"):
+        return (loop.batch_idx + 1) % trainer.limit_train_batches == 0
+    if every != float("inf"):
+        current = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx
+        return (current + 1) % every == 0
+    return False
 
 
 def logs_this_step(trainer) -> bool:
@@ -90,9 +101,10 @@ def logs_this_step(trainer) -> bool:
 
 
 def set_current_fx(module: LightningModule, name: str | None) -> str | None:
-    """Set the hook name `self.log` files values under (Lightning sets it around every hook); returns the old one."""
+    """Set the hook name `self.log` files values under (Lightning sets it around every hook); returns the old one.
+    A plain attribute: object.__setattr__ stores it as nn.Module.__setattr__ would, without its ~3 us of checks."""
     previous = module._current_fx_name
-    module._current_fx_name = name
+    object.__setattr__(module, "_current_fx_name", name)
     return previous
 
 

@@ -107,6 +107,7 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
         self.lean_takes_batch_idx = "batch_idx" in self._build_kwargs(OrderedDict(), None, 0)
         self.lean_params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
         self.lean_modules = list(module.modules())
+        self.lean_module = module  # trainer.lightning_module, without its property lookups every step
         self.lean_graph: GraphedSGDStep | None = None
 
     def graph_steps(self, trainer: L.Trainer, module: L.LightningModule) -> str | None:
@@ -131,7 +132,7 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
 
     def _callbacks(self, name: str, *args) -> None:
         if self.lean_callbacks[name]:
-            trainer, module = self.trainer, self.trainer.lightning_module
+            trainer, module = self.trainer, self.lean_module
             previous = compat.set_current_fx(module, name)
             for callback in self.lean_callbacks[name]:
                 callback_fn = getattr(callback, name)
@@ -155,7 +156,7 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
         batch, _, __ = next(data_fetcher)
         batch_idx = self.batch_idx + 1
         self.batch_progress.is_last_batch = data_fetcher.done
-        module = trainer.lightning_module
+        module = self.lean_module
         if self.lean_transfer:
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
             batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
@@ -178,9 +179,7 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
         self._callbacks("on_train_batch_end", batch_output, batch, batch_idx)
         self._module_hook("on_train_batch_end", batch_output, batch, batch_idx)
         # the metric caches are seen as they are only once the fit loop hands over (see compat.end_batch)
-        hand_over = self.batch_progress.is_last_batch or trainer.should_stop or self._is_training_done
-        hand_over = hand_over or compat.validation_by_time(trainer) or self._should_check_val_fx(data_fetcher)
-        compat.end_batch(trainer, refresh=hand_over)
+        compat.end_batch(trainer, refresh=self._is_training_done or compat.validation_may_run(self))
         self.batch_progress.increment_completed()
         if compat.logs_this_step(trainer):
             connector.update_train_step_metrics()
@@ -188,7 +187,7 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
     def _optimizer_step(self, batch, batch_idx: int) -> dict:
         """_AutomaticOptimization.run for one optimizer and no accumulation: the closure (training_step, zero_grad,
         backward) run by the optimizer's own step, with Lightning's counters."""
-        trainer, module = self.trainer, self.trainer.lightning_module
+        trainer, module = self.trainer, self.lean_module
         progress = self.automatic_optimization.optim_progress.optimizer
         optimizer = trainer.optimizers[0]
         args = (batch, batch_idx) if self.lean_takes_batch_idx else (batch,)
@@ -249,7 +248,7 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
     def _graphed_step(self, graph: GraphedSGDStep, args: tuple) -> dict:
         """MakemoreModule.training_step + SGD as one CUDA graph replay, with the counters, the logging and the
         non-finite stop of the eager path (see graphed.py)."""
-        module = self.trainer.lightning_module
+        module = self.lean_module
         progress = self.automatic_optimization.optim_progress.optimizer
         progress.step.increment_ready()
         for p in self.lean_params:  # zero_grad(): the graph computes its gradients apart, .grad stays None

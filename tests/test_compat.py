@@ -24,6 +24,7 @@ from mm_lightning import compat
 MIRRORED = {
     "_TrainingEpochLoop.advance": (compat.TrainingEpochLoop.advance, "c7555c016027bd73"),
     "_TrainingEpochLoop.reset": (compat.TrainingEpochLoop.reset, "0014631aabe0ac52"),
+    "_TrainingEpochLoop._should_check_val_fx": (compat.TrainingEpochLoop._should_check_val_fx, "cf0916b12e18a2cc"),
     "_TrainingEpochLoop._update_learning_rates": (compat.TrainingEpochLoop._update_learning_rates, "26ac8752d7a358d5"),
     "_AutomaticOptimization.run": (_AutomaticOptimization.run, "385b43732ecc8af3"),
     "_AutomaticOptimization._make_zero_grad_fn": (_AutomaticOptimization._make_zero_grad_fn, "0f9b56ff1dc1a3ba"),

@@ -3,9 +3,9 @@
 On a CPU the statistics of one sampled step are ~60 small tensor ops, ~1.4 ms of Python and dispatch overhead
 (about 2% of training at every 100 steps, where training uses one core of several), and a figure ~100 ms holding
 the GIL. The training process only pickles what it captured (~0.1 ms); this process, one per run, started as
-`python -m <this package>.worker`, runs the same `summarize` (one thread) or draws the figures, and sends
-the result back. Results come back in the order the jobs went. It exits when its stdin closes, so it never
-outlives its trainer.
+`python -c 'from <this package>.worker import serve; serve()'`, runs the same `summarize` (one thread) or draws
+the figures, and sends the result back. Results come back in the order the jobs went. It exits when its stdin
+closes, so it never outlives its trainer.
 
 Frames on the worker's stdin/stdout: the pickle's length, the number of out-of-band buffers and their lengths (8
 bytes each), the pickle, then the buffers (numpy arrays' bytes, written straight from their memory). Both ends
@@ -144,7 +144,11 @@ class Worker:
         root = os.path.dirname(os.path.dirname(os.path.abspath(top.__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"{__package__}.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            # -c, not -m: the package's __init__ imports this module, and runpy would warn about running it twice
+            [sys.executable, "-c", f"from {__package__}.worker import serve; serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
         )
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
