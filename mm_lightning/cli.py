@@ -44,6 +44,7 @@ from mm_lightning.runs import (
     ResumedRunLogs,
     RunCheckpoint,
     SafeCheckpointIO,
+    StopOnSignal,
     claim_version,
     find_last,
     load_checkpoint,
@@ -84,6 +85,7 @@ class MakemoreCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True):
         self._argv = list(args)
         self.resume: Resume | None = None
+        self.stop_on_signal = StopOnSignal()
         super().__init__(
             MakemoreModule,
             NamesDataModule,
@@ -190,7 +192,7 @@ class MakemoreCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())
         # train/lr (the scheduler's "name") every log_every_n_steps optimizer steps, beside train/loss
-        kwargs["callbacks"] = [*callbacks, LearningRateMonitor(logging_interval="step")]
+        kwargs["callbacks"] = [*callbacks, LearningRateMonitor(logging_interval="step"), self.stop_on_signal]
         return super().instantiate_trainer(**kwargs)
 
     def _run_logger(self, root_dir) -> TensorBoardLogger | bool:
@@ -406,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:]) or 0
-        MakemoreCLI(argv)
+        interrupted = MakemoreCLI(argv).stop_on_signal
+        if interrupted.message() is not None:
+            print(f"error: {interrupted.message()}", file=sys.stderr)
+            return 128 + interrupted.received
         return 0
     except (UsageError, MisconfigurationException) as e:
         if debug:

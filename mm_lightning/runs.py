@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -194,3 +196,55 @@ class ResumedRunLogs(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         last = state_dict.get("last")
         self.last = None if last is None else (int(last[0]), float(last[1]))
+
+
+class StopOnSignal(Callback):
+    """SIGTERM (what a cluster scheduler or a spot instance sends before the end) and Ctrl-C stop training at the
+    end of the optimizer step under way, never inside it: Lightning then validates and ModelCheckpoint writes
+    last.ckpt at that step (atomically, as every checkpoint), the loggers are flushed, and the CLI exits with
+    128 + the signal (143, 130) and one line saying so. `fit --ckpt_path last` continues exactly. A second Ctrl-C
+    stops at once (the last checkpoint written stays). One process only: under DDP Lightning's own SIGTERM handling
+    runs (it broadcasts the signal to every rank)."""
+
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+
+    def __init__(self):
+        self.received: int | None = None  # the signal that stopped training
+        self.step: int | None = None  # the step training stopped at
+        self._previous: dict = {}
+        self._trainer = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer, self.received = trainer, None
+        for sig in self.SIGNALS:  # replaces Lightning's SIGTERM handler, which stops without a checkpoint
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C
+        self.received = signum
+        self._trainer.should_stop = True  # the loop ends after this step: validation, last.ckpt
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.received is not None:
+            self.step = trainer.global_step
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def message(self) -> str | None:
+        """The line the CLI prints when a signal stopped training, or None."""
+        if self.received is None:
+            return None
+        return (
+            f"interrupted by {self.SIGNALS[self.received]} at step {self.step}: last.ckpt written there; "
+            "continue with `fit --ckpt_path last`"
+        )

@@ -390,3 +390,37 @@ def test_runs_started_together_never_share_a_directory(project):
         cwd=project,
     )
     assert f"run runs/lightning_logs/{newest.name} at step 200" in proc.stdout  # says which one it picked
+
+
+# ------------------------------------------------------------------------------------------------- preemption
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"])
+def test_a_signal_checkpoints_the_current_step_and_the_run_continues_exactly(project, monkeypatch, sig, status):
+    """What a cluster scheduler sends before a time limit (SIGTERM), or Ctrl-C: the run stops after the step under
+    way, writes last.ckpt there, says so and exits 128 + signal; `fit --ckpt_path last` then ends exactly where an
+    uninterrupted run ends."""
+    monkeypatch.chdir(project)
+    args = [*FAST, "--data.steps_per_epoch", "1000", "--trainer.enable_progress_bar", "false"]
+    assert _fit("whole", 3000, *args) == 0
+    cmd = [sys.executable, "-m", "mm_lightning.cli", "fit", "--trainer.max_steps", "3000"]
+    cmd += ["--trainer.default_root_dir", "runs", *args]
+    proc = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = project / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # the first epoch's checkpoint (step 1000): training is under way
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-2000:]
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 1000 < step < 3000, step  # the step it was at, not the last epoch end
+    line = [x for x in err.splitlines() if x.startswith("error: interrupted by")]
+    assert len(line) == 1 and f"at step {step}: last.ckpt written there" in line[0], err[-2000:]
+    assert _fit("runs", 3000, "--ckpt_path", "last") == 0
+    _same_state(_last("whole"), _last("runs"))
+    whole, runs = (scalars(project / d / "lightning_logs" / "version_0")["train/loss"] for d in ("whole", "runs"))
+    stopped = [] if step % 50 == 0 else [step - 1]  # + the stopped step's loss, which Lightning logs as it stops
+    assert [p for p in runs if p[0] not in stopped] == whole
