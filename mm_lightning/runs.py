@@ -145,6 +145,8 @@ class RunCheckpoint(ModelCheckpoint):
     - A checkpoint is written in the epoch-end hook, and on resume Lightning runs that hook again for the restored
       epoch: plain ModelCheckpoint would then save the same step a second time, before any validation (and warn that
       val/loss is missing).
+    - A run directory that was moved or copied keeps its checkpoints' bookkeeping (see `moved`): plain
+      ModelCheckpoint would forget it, write last-v1.ckpt beside last.ckpt, and `--ckpt_path last` would go back.
     """
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -156,8 +158,27 @@ class RunCheckpoint(ModelCheckpoint):
         return {**super().state_dict(), "last_global_step_saved": compat.last_saved_step(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        super().load_state_dict(moved(state_dict, self.dirpath))
         compat.set_last_saved_step(self, state_dict.get("last_global_step_saved", compat.last_saved_step(self)))
+
+
+def moved(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """ModelCheckpoint's state with the paths it holds moved from the directory it was saved in to `dirpath`, the
+    same run's checkpoints directory wherever it now is (ModelCheckpoint keeps absolute paths)."""
+    old = state.get("dirpath")
+    if not old or not dirpath or old == dirpath:
+        return state
+
+    def here(path):
+        return str(Path(dirpath) / Path(path).name) if path and Path(path).parent == Path(old) else path
+
+    state = {**state, "dirpath": dirpath}
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = here(state[key])
+    if "best_k_models" in state:
+        state["best_k_models"] = {here(k): v for k, v in state["best_k_models"].items()}
+    return state
 
 
 class ResumedRunLogs(Callback):

@@ -424,3 +424,27 @@ def test_a_signal_checkpoints_the_current_step_and_the_run_continues_exactly(pro
     whole, runs = (scalars(project / d / "lightning_logs" / "version_0")["train/loss"] for d in ("whole", "runs"))
     stopped = [] if step % 50 == 0 else [step - 1]  # + the stopped step's loss, which Lightning logs as it stops
     assert [p for p in runs if p[0] not in stopped] == whole
+
+
+@pytest.mark.parametrize("how", ["copied", "moved"])
+def test_a_moved_or_copied_run_continues_in_place(project, monkeypatch, how):
+    """cp -a A B (or mv A B), then fit in B: B's own last.ckpt goes on (no last-v1.ckpt), A is untouched."""
+    import shutil
+
+    monkeypatch.chdir(project)
+    assert _fit("A", 200, "--data.steps_per_epoch", "100") == 0
+    (shutil.copytree if how == "copied" else shutil.move)("A", "B")
+    assert _fit("B", 400, "--ckpt_path", "last", "--data.steps_per_epoch", "100") == 0
+    checkpoints = project / "B" / "lightning_logs" / "version_0" / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert "last.ckpt" in names and not any(n.startswith("last-v") for n in names), names
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 400
+    dirpaths = [Path(v["dirpath"]).resolve() for k, v in state["callbacks"].items() if "RunCheckpoint" in k]
+    assert dirpaths == [checkpoints.resolve()]
+    best = [p for p in names if p.startswith("best-")]
+    assert len(best) == 1, names  # the best is tracked across the move: one, not one per place
+    if how == "copied":
+        assert _last("A")["global_step"] == 200  # the original run is as it was
+    assert _fit("B", 500, "--ckpt_path", "last", "--data.steps_per_epoch", "100") == 0
+    assert _last("B")["global_step"] == 500
