@@ -186,25 +186,33 @@ class ResumedRunLogs(Callback):
 
     - Lightning restores the step loggers write at off by one in some restart stages (compat.realign_logging_step):
       put it back on the optimizer step at the first batch, before any callback logs (keep this callback first).
-    - TensorBoard purges everything the killed run logged from the checkpoint's step on (what came after the
+    - TensorBoard purges everything the stopped run logged from the checkpoint's step on (what came after the
       checkpoint), and the val/loss measured at that very step, just before the checkpoint was written, would go
-      with it: write it again.
+      with it: write it again, at fit start (a finished run resumed with no steps left never starts training).
     """
 
     def __init__(self):
         self.last: tuple[int, float] | None = None  # (step, val/loss) of the latest validation while fitting
+        self.saved_at: int | None = None  # the step of the checkpoint this state was saved in
         self._realign = False
+        self._trainer = None  # for state_dict(), which is given no trainer
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
 
     def on_validation_end(self, trainer, pl_module) -> None:
         value = trainer.callback_metrics.get("val/loss")
         if trainer.state.fn == "fit" and not trainer.sanity_checking and value is not None:
             self.last = (trainer.global_step, float(value))
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._realign = trainer.global_step > 0
-        if self.last is not None and self.last[0] == trainer.global_step > 0 and trainer.is_global_zero:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # restored from the checkpoint (callbacks' state is, before this hook): its last val/loss was purged
+        if self.last is not None and self.last[0] == self.saved_at and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({"val/loss": self.last[1]}, step=self.last[0])
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._realign = trainer.global_step > 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._realign:
@@ -212,11 +220,13 @@ class ResumedRunLogs(Callback):
             compat.realign_logging_step(trainer)
 
     def state_dict(self) -> dict:
-        return {"last": None if self.last is None else list(self.last)}
+        step = None if self._trainer is None else self._trainer.global_step
+        return {"last": None if self.last is None else list(self.last), "saved_at": step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         last = state_dict.get("last")
         self.last = None if last is None else (int(last[0]), float(last[1]))
+        self.saved_at = state_dict.get("saved_at")
 
 
 class StopOnSignal(Callback):

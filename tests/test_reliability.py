@@ -448,3 +448,17 @@ def test_a_moved_or_copied_run_continues_in_place(project, monkeypatch, how):
         assert _last("A")["global_step"] == 200  # the original run is as it was
     assert _fit("B", 500, "--ckpt_path", "last", "--data.steps_per_epoch", "100") == 0
     assert _last("B")["global_step"] == 500
+
+
+def test_resuming_a_finished_run_keeps_its_last_val_loss(project, monkeypatch):
+    """A run that had finished, resumed with no steps left (or killed after its final checkpoint): its final
+    val/loss point stays in TensorBoard (the resumed writer purges from the checkpoint's step on)."""
+    monkeypatch.chdir(project)
+    assert _fit("runs", 200, "--data.steps_per_epoch", "100") == 0
+    before = scalars(project / "runs" / "lightning_logs" / "version_0")["val/loss"]
+    assert [s for s, _ in before] == [100, 200]
+    assert _fit("runs", 200, "--ckpt_path", "last", "--data.steps_per_epoch", "100") == 0
+    assert scalars(project / "runs" / "lightning_logs" / "version_0")["val/loss"] == before
+    assert _fit("runs", 300, "--ckpt_path", "last", "--data.steps_per_epoch", "100") == 0
+    after = scalars(project / "runs" / "lightning_logs" / "version_0")["val/loss"]
+    assert after[:2] == before and [s for s, _ in after] == [100, 200, 300]
