@@ -48,8 +48,10 @@ from mm_lightning.runs import (
     claim_version,
     find_last,
     load_checkpoint,
+    lock_run,
     remove_partial_writes,
     runs_dir,
+    unlock_runs,
     version_of,
 )
 
@@ -145,6 +147,13 @@ class MakemoreCLI(LightningCLI):
             where = f"run {path.parent.parent}" if version is not None else "checkpoint"
             print(f"{subcommand}: {where} at step {self.resume.global_step} ({path.name}, written {written})")
 
+    def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
+        """Lightning's: instantiates --optimizer / --lr_scheduler; a bad argument for them is a usage error."""
+        try:
+            super()._add_configure_optimizers_method_to_model(subcommand)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--optimizer / --lr_scheduler: {str(e).splitlines()[0]}") from None
+
     def _parse_ckpt_path(self) -> None:
         """Lightning's version lays the checkpoint's hyperparameters over the command line without a word; ours
         (in parse_arguments) refuses a mismatch instead."""
@@ -175,14 +184,22 @@ class MakemoreCLI(LightningCLI):
                 f"{self.datamodule.path} gives {len(self.datamodule.vocab)}; use the run's --data.path"
             )
         if self.resume is not None and self.resume.version is not None and self.subcommand == "fit":
+            if _is_rank_zero():  # one writer per run: a second fit is refused
+                lock_run(self.resume.checkpoint.parent.parent)
             remove_partial_writes(self.resume.checkpoint.parent)
 
     # ------------------------------------------------------------------------------------------------ trainer
 
     def instantiate_trainer(self, **kwargs):
         trainer = self._get(self.config_init, "trainer", default={})
-        if trainer.get("logger") in (None, True):
+        given = trainer.get("logger")
+        if given in (None, True):
             kwargs["logger"] = self._run_logger(trainer.get("default_root_dir"))
+        elif given is not False:  # other loggers go beside the run's TensorBoard (run directory, checkpoints, resume)
+            given = list(given) if isinstance(given, (list, tuple)) else [given]
+            if not any(isinstance(logger, TensorBoardLogger) for logger in given):
+                run_logger = self._run_logger(trainer.get("default_root_dir"))
+                kwargs["logger"] = [run_logger, *given] if run_logger else given
         plugins = trainer.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -207,6 +224,8 @@ class MakemoreCLI(LightningCLI):
             version = claim_version(runs) if _is_rank_zero() else int(os.environ.get(VERSION_ENV, -1))
             if version < 0:  # a rank started by torchrun: it writes no logs, rank 0 broadcasts the checkpoint dir
                 return False
+            if _is_rank_zero():
+                lock_run(runs / f"version_{version}")
         else:
             return False  # evaluating a checkpoint from outside a run: results are printed only
         os.environ[VERSION_ENV] = str(version)
@@ -433,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 1
+    finally:
+        unlock_runs()
 
 
 if __name__ == "__main__":

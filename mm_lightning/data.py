@@ -24,6 +24,7 @@ DEFAULT_PATH = "data/names.txt"
 NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
 NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 MAX_WORD_LENGTH = 1000  # longer lines are not words: the file is probably not one-word-per-line
+MAX_FILE_BYTES = 1 << 30  # 1 GiB: names.txt is 228 kB; the windows of a larger file would not fit in memory anyway
 
 
 # ---------------------------------------------------------------------------------------------- the file
@@ -69,6 +70,14 @@ def read_words(path: str | os.PathLike) -> list[str]:
     message naming the line.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block forever, /dev/zero fill the memory
+        what = "a directory" if path.is_dir() else "not a regular file (a pipe or a device)"
+        raise UsageError(f"data file {path} is {what}; pass --data.path FILE, a text file with one word per line")
+    if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+        raise UsageError(
+            f"data file {path} is {path.stat().st_size / 2**20:,.0f} MiB, more than a word list "
+            f"(limit {MAX_FILE_BYTES // 2**20} MiB); pass --data.path FILE with one word per line"
+        )
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

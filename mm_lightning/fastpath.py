@@ -303,7 +303,7 @@ class FastPath(Callback):
         self.path: str | None = None  # "lean" or "plain", for tests and the benchmark
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        why = why_plain(trainer, pl_module) if self.lean_loop else "--fast_path.lean_loop false"
+        why = why_plain(trainer, pl_module) if self.lean_loop else "lean_loop=False (--fast_path.lean_loop false)"
         if why is None:
             loop = trainer.fit_loop.epoch_loop
             original = type(loop)
@@ -313,7 +313,7 @@ class FastPath(Callback):
             lean_log.install()
             self._installed = (original, lean_log)
             self.path = "lean"
-            graphs = loop.graph_steps(trainer, pl_module) if self.cuda_graph else "--fast_path.cuda_graph false"
+            graphs = loop.graph_steps(trainer, pl_module) if self.cuda_graph else "cuda_graph=False"
             on_gpu = trainer.strategy.root_device.type == "cuda"
             extra = "" if not on_gpu else ", CUDA graph steps" if graphs is None else f", eager steps: {graphs}"
             rank_zero_info(f"training path: fast (lean loop: Lightning's loop minus per-step overhead{extra})")

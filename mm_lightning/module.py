@@ -21,8 +21,8 @@ from mm_lightning.diagnostics.stats import first_nonfinite_module
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig, generate
 
-# what a run that produced a NaN/Inf can do about it; its checkpoints are never touched by the stop
 LR_TAG = "train/lr"  # the learning rate's tag, for every scheduler (see configure_optimizers)
+# what a run that produced a NaN/Inf can do about it; its checkpoints are never touched by the stop
 NON_FINITE_ADVICE = "lower the learning rate or check the init; checkpoints written so far are intact"
 
 

@@ -7,6 +7,7 @@ by listing the folder, so two runs started together can pick the same N; here N 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import re
@@ -43,6 +44,41 @@ def claim_version(runs: Path) -> int:
             return n
         except FileExistsError:  # another run claimed it between our listing and mkdir
             n += 1
+
+
+_LOCKS: dict[Path, int] = {}  # run directory -> the open file descriptor holding its lock, for this process's life
+
+
+def lock_run(run_dir: Path) -> None:
+    """Make this process the run's only writer, or refuse in one line naming the one that is. An flock on
+    run_dir/.lock: the kernel releases it when its holder exits, however (a SIGKILL leaves nothing stuck)."""
+    run_dir = Path(run_dir)
+    if run_dir.resolve() in _LOCKS:
+        return
+    path = run_dir / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"cannot lock run {run_dir} ({e.strerror}); check the directory's permissions") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UsageError(
+            f"run {run_dir} is being trained by process {holder}; wait for it to finish (or stop it), "
+            "or start a new run without --ckpt_path"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[run_dir.resolve()] = fd
+
+
+def unlock_runs() -> None:
+    """Release every run this process locked (the CLI does when its command is done)."""
+    for fd in _LOCKS.values():
+        os.close(fd)  # closing the descriptor releases the flock
+    _LOCKS.clear()
 
 
 def version_of(checkpoint: Path, runs: Path) -> int | None:
@@ -107,6 +143,16 @@ def remove_partial_writes(directory: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    try:  # Linux says it without changing it (setting and resetting it races with other threads' new files)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Checkpoints written atomically next to their destination, and only ever read with weights_only=True.
 
@@ -119,6 +165,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode any new file gets
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()

@@ -520,3 +520,30 @@ def test_a_bad_argument_names_the_python_argument_and_the_cli_its_option(project
         TrainingDiagnostics(every_n_steps=-1)
     assert main(["fit", "--diagnostics.every_n_steps", "-1", "--trainer.max_steps", "1"]) == 2
     assert "error: --diagnostics.every_n_steps must be 0 (off) or more, got -1" in capsys.readouterr().err
+
+
+def test_a_model_with_nothing_to_watch_says_so(tmp_path, capsys):
+    """A model calling functional activations only (as nn.Transformer does): one line says what is not measured."""
+    import lightning as L
+
+    class Functional(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.b(torch.relu(self.a(x))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=8
+    )
+    diagnostics = TrainingDiagnostics(every_n_steps=2, figures_every_n_steps=0, histograms_every_n_steps=0)
+    trainer = L.Trainer(max_steps=4, callbacks=[diagnostics], logger=False, enable_checkpointing=False)
+    trainer.fit(Functional(), data)
+    err = capsys.readouterr().err
+    assert err.count("[diagnostics] no layer to watch in Functional") == 1
+    assert diagnostics.last_snapshot.layers == [] and len(diagnostics.last_snapshot.weights) == 2  # weights still

@@ -151,7 +151,10 @@ def test_a_checkpoint_of_one_path_resumes_exactly_on_the_other(project, monkeypa
         ([], "training path: fast (lean loop"),
         (["--trainer.accumulate_grad_batches", "2"], "plain Lightning loop, because accumulate_grad_batches=2"),
         (["--trainer.precision", "bf16-mixed"], "plain Lightning loop, because precision bf16-mixed"),
-        (["--fast_path.lean_loop", "false"], "plain Lightning loop, because --fast_path.lean_loop false"),
+        (
+            ["--fast_path.lean_loop", "false"],
+            "plain Lightning loop, because lean_loop=False (--fast_path.lean_loop false)",
+        ),
         (["--trainer.profiler", "simple"], "plain Lightning loop, because a profiler is attached"),
     ],
     ids=["default", "accumulation", "bf16", "switched-off", "profiler"],

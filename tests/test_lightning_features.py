@@ -158,16 +158,46 @@ def test_callbacks_with_per_step_hooks_see_every_step(names_file, tmp_path):
 
 
 def test_csv_logger_beside_tensorboard(project, monkeypatch):
+    """Adding a logger keeps the run's own TensorBoard (its directory, checkpoints and resume) beside it."""
     monkeypatch.chdir(project)
-    loggers = ["--trainer.logger+=TensorBoardLogger", "--trainer.logger.save_dir", "tb"]
-    loggers += ["--trainer.logger+=CSVLogger", "--trainer.logger.save_dir", "csv"]
+    loggers = ["--trainer.logger+=CSVLogger", "--trainer.logger.save_dir", "csv"]
     args = ["fit", "--trainer.max_steps", "100", *NET_ARGS, *QUIET, "--data.steps_per_epoch", "50", *loggers]
     assert main(args) == 0
+    run = project / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
     rows = list(csv.DictReader(open(next(project.glob("csv/lightning_logs/version_*/metrics.csv")))))
     csv_loss = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
-    tb = scalars(next(project.glob("tb/lightning_logs/version_*")))
+    tb = scalars(run)
     assert csv_loss == [(s, pytest.approx(v, rel=1e-6)) for s, v in tb["train/loss"]] and len(csv_loss) == 2
     assert [float(r["val/loss"]) for r in rows if r.get("val/loss")] == pytest.approx([v for _, v in tb["val/loss"]])
+
+
+def test_the_diagnostics_see_the_true_loss_under_accumulation(project, names_file, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    args = ["fit", "--trainer.max_steps", "20", "--trainer.default_root_dir", "run", *NET_ARGS]
+    args += [
+        "--trainer.accumulate_grad_batches",
+        "2",
+        "--diagnostics.every_n_steps",
+        "10",
+        "--data.steps_per_epoch",
+        "20",
+    ]
+    assert main([*args, "--trainer.enable_progress_bar", "false", "--diagnostics.figures_every_n_steps", "0"]) == 0
+    ref = reference_run(str(names_file), 1, NET, accumulate=2, threads=1)
+    loss0 = dict(scalars(project / "run" / "lightning_logs" / "version_0")["sampled/loss"])[0]
+    assert loss0 == pytest.approx(ref.losses[0], rel=1e-6)  # the minibatch's loss, not Lightning's loss / 2
+    assert "confidently wrong" not in capsys.readouterr().err
+
+
+def test_a_bad_optimizer_or_scheduler_argument_is_one_line(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    args = ["fit", "--trainer.max_steps", "5", *NET_ARGS, "--optimizer", "AdamW"]
+    assert main([*args, "--lr_scheduler", "OneCycleLR", "--lr_scheduler.max_lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: --optimizer / --lr_scheduler: You must define either total_steps"
+    )
 
 
 ADAMW_ONECYCLE = """

@@ -462,3 +462,53 @@ def test_resuming_a_finished_run_keeps_its_last_val_loss(project, monkeypatch):
     assert _fit("runs", 300, "--ckpt_path", "last", "--data.steps_per_epoch", "100") == 0
     after = scalars(project / "runs" / "lightning_logs" / "version_0")["val/loss"]
     assert after[:2] == before and [s for s, _ in after] == [100, 200, 300]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_data_path_that_is_not_a_regular_file_is_refused_at_once(project, monkeypatch, capsys, kind):
+    monkeypatch.chdir(project)
+    target = {"fifo": project / "names.fifo", "device": Path("/dev/zero"), "directory": project / "data"}[kind]
+    if kind == "fifo":
+        os.mkfifo(target)
+    start = time.monotonic()
+    assert main(["fit", "--data.path", str(target), "--trainer.max_steps", "1"]) == 2
+    assert time.monotonic() - start < 30  # no hang
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"data file {target} is" in err[0] and "--data.path FILE" in err[0], err
+
+
+def test_checkpoints_get_the_mode_new_files_get(project, monkeypatch):
+    monkeypatch.chdir(project)
+    previous = os.umask(0o022)
+    try:
+        assert _fit("runs", 20, "--data.steps_per_epoch", "10") == 0
+    finally:
+        os.umask(previous)
+    for ckpt in (project / "runs").glob("lightning_logs/version_0/checkpoints/*.ckpt"):
+        assert ckpt.stat().st_mode & 0o777 == 0o644, ckpt  # readable by the group and others, as any new file
+
+
+def test_one_run_has_one_writer(project, monkeypatch):
+    """Two `fit --ckpt_path last` of one run at once: the second is refused in one line naming the first's pid; the
+    lock goes with its holder (a killed one included), so the run can be continued afterwards."""
+    monkeypatch.chdir(project)
+    assert _fit("runs", 100, "--data.steps_per_epoch", "50") == 0
+    cmd = [sys.executable, "-m", "mm_lightning.cli", "fit", "--ckpt_path", "last", "--trainer.max_steps", "100000"]
+    cmd += ["--trainer.default_root_dir", "runs", *FAST, "--data.steps_per_epoch", "50"]
+    first = subprocess.Popen(cmd, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = project / "runs" / "lightning_logs" / "version_0" / ".lock"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not lock.exists() or lock.read_text() != str(first.pid)):
+        time.sleep(0.05)
+    try:
+        second = run_cli(["fit", "--ckpt_path", "last", "--trainer.default_root_dir", "runs"], project, check=False)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert lines[-1] == (
+            f"error: run runs/lightning_logs/version_0 is being trained by process {first.pid}; wait for it to "
+            "finish (or stop it), or start a new run without --ckpt_path"
+        ), second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    assert _fit("runs", 150, "--ckpt_path", "last", "--data.steps_per_epoch", "50") == 0  # the lock went with it

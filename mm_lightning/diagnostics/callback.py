@@ -4,9 +4,7 @@ On a sampled step (step 0 and every every_n_steps) and only then, hooks are atta
 - a forward hook on each watched layer keeps its output and puts a tensor hook on it for the output's gradient
   (not register_full_backward_hook, which breaks on in-place ops);
 - an optimizer step pre-hook keeps every parameter, and a post-hook measures the real change and the gradient.
-Every hook removes itself after one use, so other steps pay nothing. With several optimizer steps per Lightning
-batch (this project's module), the sampled step is the first of its batch: the DataModule starts a batch at every
-multiple of `every_n_steps`.
+Every hook removes itself after one use, so other steps pay nothing.
 """
 
 from __future__ import annotations
@@ -145,6 +143,13 @@ class TrainingDiagnostics(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._running = (trainer, pl_module)
+        if self.every_n_steps and not self._watched and trainer.is_global_zero:
+            print(
+                f"[diagnostics] no layer to watch in {type(pl_module).__name__}: no torch.nn activation modules (a "
+                "model may call functional ones, F.relu); activation and gradient statistics are off, weights and "
+                "updates are measured; pass layers=[...] (module paths or class names) to choose layers",
+                file=sys.stderr,
+            )
         tbwrite.speed_up()
         writer = self._writer(trainer)
         if writer is not None and self.every_n_steps:
@@ -228,6 +233,8 @@ class TrainingDiagnostics(Callback):
             return
         if self._loss is None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor) and pl_module.automatic_optimization:
+                loss = loss * trainer.accumulate_grad_batches  # Lightning hands on the loss / accumulation steps
             self._loss = loss.detach() if isinstance(loss, torch.Tensor) else None
         if not self._stepped:  # e.g. accumulating gradients: the optimizer has not stepped yet
             return
