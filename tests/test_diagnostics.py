@@ -343,7 +343,9 @@ def test_tensorboard_serves_the_diagnostics_over_http(project, monkeypatch):
         saturated = [
             n for n in saturated if get("scalars/scalars", run="version_0", tag=f"act/saturation/{n}")[0][2] > 30
         ]
-        text = next(e["text"] for e in get("text/text", run="version_0", tag="health/saturation") if e["step"] == 0)
+        text = next(
+            e["text"] for e in get("text/text", run="version_0", tag="health/saturation/text_summary") if e["step"] == 0
+        )
         assert len(saturated) >= 2 and all(f"{name} (Tanh)" in text for name in saturated), text
     finally:
         server.terminate()
@@ -513,9 +515,10 @@ def test_the_package_works_copied_into_another_project(tmp_path):
     assert [s for s, _ in tags["act/std/layers.1"]] == [0, 5, 10]
 
 
-def test_a_bad_argument_names_the_python_argument_and_the_cli_its_option(project, capsys):
+def test_a_bad_argument_names_the_python_argument_and_the_cli_its_option(project, monkeypatch, capsys):
     from mm_lightning.diagnostics import DiagnosticsConfigError
 
+    monkeypatch.chdir(project)
     with pytest.raises(DiagnosticsConfigError, match=r"^every_n_steps must be 0 \(off\) or more, got -1"):
         TrainingDiagnostics(every_n_steps=-1)
     assert main(["fit", "--diagnostics.every_n_steps", "-1", "--trainer.max_steps", "1"]) == 2
