@@ -211,10 +211,11 @@ class RunCheckpoint(ModelCheckpoint):
 
 def moved(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
     """ModelCheckpoint's state with the paths it holds moved from the directory it was saved in to `dirpath`, the
-    same run's checkpoints directory wherever it now is (ModelCheckpoint keeps absolute paths)."""
+    same run's checkpoints directory (version_N/checkpoints) wherever it now is: ModelCheckpoint keeps the paths it
+    was given, and would otherwise forget its best and last checkpoints there."""
     old = state.get("dirpath")
-    if not old or not dirpath or old == dirpath:
-        return state
+    if not old or not dirpath or old == dirpath or Path(old).parts[-2:] != Path(dirpath).parts[-2:]:
+        return state  # the same place, or another run's checkpoint resumed into a new run: Lightning's own way
 
     def here(path):
         return str(Path(dirpath) / Path(path).name) if path and Path(path).parent == Path(old) else path
