@@ -14,22 +14,23 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.module import LightningModule
 
+# training_step's output as Lightning normalises it (a Tensor, a dict with "loss", or None): the lean loop hands
+# hooks exactly what Lightning's loop would
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
+
 # The fast path (fastpath.py) runs Lightning's own training epoch loop with a leaner `advance`: a subclass of the
 # loop class, swapped onto the trainer's loop object so that its progress counters, children and checkpointed
 # state stay the very objects Lightning created. There is no public way to customise the loop in Lightning 2.x.
-from lightning.pytorch.loops.optimization.automatic import ClosureResult  # training_step's output, as Lightning
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop as TrainingEpochLoop
 
-# normalises it (a Tensor, a dict with "loss", or None), so the lean loop hands hooks exactly what Lightning would
-from lightning.pytorch.trainer.call import _call_callback_hooks as call_callback_hooks  # noqa: F401
-from lightning.pytorch.trainer.call import _call_lightning_module_hook as call_module_hook  # noqa: F401
+# a module hook as Lightning calls it (hook name set for self.log, profiler scope), where the module overrides it
+from lightning.pytorch.trainer.call import _call_lightning_module_hook as call_module_hook
 from torchmetrics import Metric
 
 __all__ = [
     "ClosureResult",
     "LeanLog",
     "TrainingEpochLoop",
-    "call_callback_hooks",
     "call_module_hook",
     "set_epoch_loop_class",
 ]
