@@ -6,6 +6,7 @@ per-repeat ratios is reported, with the median steps/s.
 
 Run: python -m mm_lightning.bench [--steps 10000] [--repeats 5] [--device cpu|cuda] [--sizes small,wide]
      python -m mm_lightning.bench --blocks 4 --steps 20000   # the diagnostics' cost inside runs, free of drift
+     python -m mm_lightning.bench --short_run 300 --repeats 5  # the default callback on a short demo fit
 
 Rows:
 - lecture loop: makemore part 3's loop (torch.randint minibatch, forward, p.grad = None, backward,
@@ -294,6 +295,59 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str)
     return rows
 
 
+class _DemoLM(L.LightningModule):
+    """Lightning's demo Transformer (nn.Transformer, F.relu inside) as a language model on random tokens."""
+
+    def __init__(self):
+        super().__init__()
+        from lightning.pytorch.demos import Transformer
+
+        self.model = Transformer(vocab_size=1000, ninp=32, nhead=2, nhid=64, nlayers=2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.nll_loss(self.model(x, y), y.view(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def short_run(steps: int, repeats: int) -> list[float]:
+    """Per repeat: the wall time of `Trainer.fit` of the demo Transformer for `steps` steps with
+    TrainingDiagnostics() at its defaults over the same fit without it (back to back, order alternating)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from mm_lightning.diagnostics import TrainingDiagnostics
+
+    def fit(diagnostics: bool) -> float:
+        torch.manual_seed(0)
+        tokens = torch.randint(0, 1000, (2, steps * 8, 16))
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tokens), batch_size=8)
+        with tempfile.TemporaryDirectory() as d:
+            trainer = L.Trainer(
+                max_steps=steps,
+                callbacks=[TrainingDiagnostics()] if diagnostics else [],
+                logger=TensorBoardLogger(d),
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+            )
+            start = time.perf_counter()
+            trainer.fit(_DemoLM(), data)
+            elapsed = time.perf_counter() - start
+            if diagnostics:  # the figures it draws after fit, before their directory goes
+                trainer.callbacks[0].wait()
+        return elapsed
+
+    ratios = []
+    for r in range(repeats):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        times = dict((d, fit(d)) for d in order)
+        ratios.append(times[True] / times[False])
+        print(f"repeat {r}: without {times[False]:.2f} s, with {times[True]:.2f} s, ratio {ratios[-1]:.3f}", flush=True)
+    return ratios
+
+
 def _median_spread(values: list[float]) -> dict:
     """The median of per-repeat values and their spread (max - min), in the row's units."""
     return {"ratio": statistics.median(values), "spread": max(values) - min(values), "per_repeat": values}
@@ -337,7 +391,25 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RUNS",
         help="instead: the diagnostics' cost inside RUNS runs of --steps, on/off in alternating 1000-step blocks",
     )
+    p.add_argument(
+        "--short_run",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead: the default diagnostics' cost on a fit of Lightning's demo Transformer of STEPS steps",
+    )
     a = p.parse_args(argv)
+    if a.short_run:
+        from mm_lightning.cli import _quiet_noise
+
+        _quiet_noise()
+        ratios = short_run(a.short_run, a.repeats)
+        print(
+            f"demo Transformer, {a.short_run} steps, TrainingDiagnostics() at its defaults over none, "
+            f"{a.repeats} repeats:"
+        )
+        print(f"median ratio {statistics.median(ratios):.3f}, per repeat " + ", ".join(f"{x:.3f}" for x in ratios))
+        return 0
     if a.blocks:
         if a.steps < 4000:
             p.error("--blocks needs --steps 4000 or more (blocks of 1000 steps, the first one left out)")

@@ -233,6 +233,11 @@ class MakemoreCLI(LightningCLI):
             save_dir=runs.parent, name=RUNS_DIRNAME, version=version, default_hp_metric=False, **extra
         )
 
+    def after_fit(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, TrainingDiagnostics) and not callback.wait(timeout=60):
+                print("[diagnostics] the last figures are still being drawn; they will appear shortly", file=sys.stderr)
+
     def after_predict(self) -> None:
         for batch in self.trainer.predict_loop.predictions or []:
             for name in batch:

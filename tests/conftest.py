@@ -55,9 +55,39 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in a run directory, read back with TensorBoard's own event reader."""
+    """Every scalar in a run directory, read back with TensorBoard's own event reader: the run's own tags, and
+    each sub-run's (the diagnostics' per-layer runs, e.g. layers/net.layers.2) as "<sub-run>:<tag>"."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    out = {}
+    for directory in sorted({p.parent for p in Path(run_dir).rglob("events.out.tfevents*")}):
+        acc = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+        acc.Reload()
+        run = directory.relative_to(run_dir).as_posix()
+        for tag in acc.Tags()["scalars"]:
+            out[tag if run == "." else f"{run}:{tag}"] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return out
+
+
+def flat_tag(tag: str) -> str:
+    """A diagnostics scalar as TensorBoard holds it ("<sub-run>:<tag>") from its flat name (as CSV holds it)."""
+    for flat, run, chart in DIAGNOSTICS_TAGS:
+        if tag.startswith(flat + "/") or tag == flat:
+            rest = tag[len(flat) + 1 :]
+            return f"{run.format(rest)}:{chart}"
+    return tag
+
+
+DIAGNOSTICS_TAGS = [  # flat family, its sub-run, its chart: written out here, not imported from the package
+    ("act/std", "layers/{}", "1 activations/std"),
+    ("act/saturation", "layers/{}", "1 activations/saturated %"),
+    ("act/mean", "layers/{}", "5 more/activation mean"),
+    ("act/dead", "layers/{}", "5 more/dead units %"),
+    ("grad/std", "layers/{}", "2 gradients/output-gradient std"),
+    ("grad/mean", "layers/{}", "5 more/output-gradient mean"),
+    ("weight/grad_data_ratio", "params/{}", "3 weight gradients/grad:data"),
+    ("weight/grad_std", "params/{}", "5 more/weight-gradient std"),
+    ("weight/grad_mean", "params/{}", "5 more/weight-gradient mean"),
+    ("update/log10_ratio", "params/{}", "4 updates/log10 update:data"),
+    ("update/reference", "reference 1e-3", "4 updates/log10 update:data"),
+]

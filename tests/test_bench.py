@@ -49,3 +49,13 @@ def test_bench_measures_the_diagnostics_cost_inside_a_run(names_file):
     assert "on/off in alternating 1000-step blocks, 1 runs:" in proc.stdout
     cost = float(proc.stdout.split("median ")[1].split("%")[0])
     assert -50 < cost < 50  # a measured percentage, not a placeholder
+
+
+def test_bench_measures_the_callback_on_a_short_demo_fit():
+    args = ["--short_run", "30", "--repeats", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mm_lightning.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratios = [float(x) for x in proc.stdout.split("per repeat ")[1].split(", ")]
+    assert len(ratios) == 2 and all(0.2 < x < 20 for x in ratios)  # measured ratios, not a placeholder

@@ -126,7 +126,12 @@ def test_graphed_training_matches_eager(project, monkeypatch):
     for key in a["state_dict"]:
         assert torch.allclose(a["state_dict"][key].float(), b["state_dict"][key].float(), rtol=1e-4, atol=1e-5), key
     runs = [scalars(project / d / "lightning_logs" / "version_0") for d in ("g", "e")]
-    for tag in ("train/loss", "val/loss", "act/std/net.layers.2", "update/log10_ratio/net.layers.0.weight"):
+    for tag in (
+        "train/loss",
+        "val/loss",
+        "layers/net.layers.2:1 activations/std",
+        "params/net.layers.0.weight:4 updates/log10 update:data",
+    ):
         steps = [s for s, _ in runs[0][tag]]
         assert steps == [s for s, _ in runs[1][tag]], tag  # the same cadence: diagnostics sampled alike
         assert [v for _, v in runs[0][tag]] == pytest.approx([v for _, v in runs[1][tag]], rel=1e-4, abs=1e-5), tag

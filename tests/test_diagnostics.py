@@ -20,7 +20,7 @@ from mm_lightning.diagnostics.callback import TrainingDiagnostics, custom_scalar
 from mm_lightning.diagnostics.snapshot import LayerStats, ParamStats, Snapshot
 from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, summarize
 from mm_lightning.diagnostics.verdicts import HealthThresholds, judge
-from tests.conftest import SMALL, scalars
+from tests.conftest import SMALL, flat_tag, scalars
 
 NO_BN = ["--model.net.batchnorm", "false", "--model.net.output_batchnorm", "false"]
 
@@ -162,22 +162,26 @@ def _events(run):
 def test_fit_writes_every_diagnostic_to_tensorboard(project, monkeypatch):
     monkeypatch.chdir(project)
     _fit(project, "out", "--diagnostics.histograms_every_n_steps", "100", "--diagnostics.figures_every_n_steps", "200")
-    acc = _events(project / "out" / "lightning_logs" / "version_0")
+    run = project / "out" / "lightning_logs" / "version_0"
+    acc, logged = _events(run), scalars(run)
     tags = acc.Tags()
     tanh = [f"net.layers.{i}" for i in (2, 5, 8, 11, 14)]
     weights = ["net.embedding.weight", "net.layers.0.weight", "net.layers.3.weight", "net.layers.15.weight"]
     for layer in tanh:
         for family in ("act/mean", "act/std", "act/saturation", "act/dead", "grad/mean", "grad/std"):
-            assert [e.step for e in acc.Scalars(f"{family}/{layer}")] == [0, 100, 200]
-        assert 0.4 < acc.Scalars(f"act/std/{layer}")[0].value < 0.9
-        assert all(0 <= e.value <= 100 for e in acc.Scalars(f"act/saturation/{layer}"))
+            assert [s for s, _ in logged[flat_tag(f"{family}/{layer}")]] == [0, 100, 200]
+        assert 0.4 < logged[f"layers/{layer}:1 activations/std"][0][1] < 0.9
+        assert all(0 <= v <= 100 for _, v in logged[f"layers/{layer}:1 activations/saturated %"])
         assert f"act_hist/{layer}" in tags["histograms"] and f"grad_hist/{layer}" in tags["histograms"]
     for w in weights:
-        assert f"weight/grad_data_ratio/{w}" in tags["scalars"] and f"weight_grad_hist/{w}" in tags["histograms"]
-        assert all(-6 < e.value < 0 for e in acc.Scalars(f"update/log10_ratio/{w}"))
-    assert "update/log10_ratio/net.layers.1.weight" in tags["scalars"]  # BN gamma: once it has moved
-    assert [e.value for e in acc.Scalars("update/reference")] == [-3.0] * 3
-    assert all(e.value == 0.0 for e in acc.Scalars("health/saturation"))
+        assert flat_tag(f"weight/grad_data_ratio/{w}") in logged and f"weight_grad_hist/{w}" in tags["histograms"]
+        assert all(-6 < v < 0 for _, v in logged[f"params/{w}:4 updates/log10 update:data"])
+    assert "params/net.layers.1.weight:4 updates/log10 update:data" in logged  # BN gamma: once it has moved
+    assert [v for _, v in logged["reference 1e-3:4 updates/log10 update:data"]] == [-3.0] * 3
+    assert all(v == 0.0 for _, v in logged["health/saturation"])
+    # one run per layer: TensorBoard colours lines by run, so each chart shows every layer in its own colour
+    assert {k.split(":")[0] for k in logged if k.startswith("layers/")} == {f"layers/{n}" for n in tanh}
+    assert not any("/" in tag and tag.split("/")[0] in ("act", "grad", "weight", "update") for tag in logged)
     hist = acc.Histograms(f"act_hist/{tanh[0]}")[0].histogram_value
     assert hist.num == 32 * 100 and hist.min == -1.0 and hist.max == 1.0
     images = {tag: [e.step for e in acc.Images(tag)] for tag in tags["images"]}
@@ -188,7 +192,7 @@ def test_fit_writes_every_diagnostic_to_tensorboard(project, monkeypatch):
 
     layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {c.title: [list(ch.multiline.tag) for ch in c.chart] for c in layout.category}
-    assert charts["4 updates"] == [[r"update/log10_ratio/.*", r"update/reference"]]
+    assert charts["4 updates"] == [["4 updates/log10 update:data"]]
     assert set(charts) == set(custom_scalars_layout())
 
 
@@ -201,7 +205,7 @@ def test_diagnostics_do_not_change_training(project, monkeypatch):
     a = torch.load(on / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(off / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert "act/std/net.layers.2" not in scalars(off)
+    assert not any(k.startswith("layers/") for k in scalars(off))
 
 
 # ------------------------------------------------------------------------------------------- any LightningModule
@@ -249,13 +253,12 @@ def test_callback_on_another_lightning_module(tmp_path):
         enable_model_summary=False,
     )
     trainer.fit(model, loader)
-    acc = _events(tmp_path / "relu" / "version_0")
-    tags = acc.Tags()["scalars"]
-    assert {"act/dead/net.1", "act/dead/net.3", "act/std/net.1", "grad/std/net.3"} <= set(tags)
-    assert not any(t.startswith("act/saturation/") for t in tags)  # ReLU is not bounded: no saturation
-    assert [e.step for e in acc.Scalars("act/std/net.1")] == [0, 5, 10]
+    tags = scalars(tmp_path / "relu" / "version_0")
+    assert {flat_tag(t) for t in ("act/dead/net.1", "act/dead/net.3", "act/std/net.1", "grad/std/net.3")} <= set(tags)
+    assert not any(t.endswith(":1 activations/saturated %") for t in tags)  # ReLU is not bounded: no saturation
+    assert [s for s, _ in tags["layers/net.1:1 activations/std"]] == [0, 5, 10]
     for step in (0, 5, 10):  # Adam's update is not lr * grad: the logged ratio is the real measured change
-        logged = [e.value for e in acc.Scalars("update/log10_ratio/net.0.weight") if e.step == step][0]
+        logged = [v for s, v in tags["params/net.0.weight:4 updates/log10 update:data"] if s == step][0]
         assert logged == pytest.approx(model.changes[step]["net.0.weight"], abs=1e-4)
     assert diagnostics.last_snapshot.step == 10
 
@@ -319,17 +322,18 @@ def test_tensorboard_serves_the_diagnostics_over_http(project, monkeypatch):
             return json.loads(r.read())
 
     try:
-        deadline, tags = time.monotonic() + 90, {}
+        deadline, runs = time.monotonic() + 90, {}
+        sat = "1 activations/saturated %"
         while time.monotonic() < deadline:
             try:
-                tags = get("scalars/tags").get("version_0", {})
-                if "act/std/net.layers.1" in tags and "update/reference" in tags:
+                runs = get("scalars/tags")
+                if sat in runs.get("version_0/layers/net.layers.1", {}) and "version_0/reference 1e-3" in runs:
                     break
             except OSError:
                 pass
             time.sleep(1)
-        assert "act/saturation/net.layers.1" in tags, f"TensorBoard never served the run: {sorted(tags)[:5]}"
-        points = get("scalars/scalars", run="version_0", tag="act/saturation/net.layers.1")
+        assert sat in runs.get("version_0/layers/net.layers.1", {}), f"TensorBoard never served: {sorted(runs)[:5]}"
+        points = get("scalars/scalars", run="version_0/layers/net.layers.1", tag=sat)
         assert [p[1] for p in points] == [0, 100, 200] and points[0][2] > 30  # (wall time, step, value): saturated
         health = get("scalars/scalars", run="version_0", tag="health/saturation")
         assert [p[2] for p in health] == [1.0, 1.0, 1.0]
@@ -339,10 +343,8 @@ def test_tensorboard_serves_the_diagnostics_over_http(project, monkeypatch):
         assert "act_hist/net.layers.1" in get("histograms/tags")["version_0"]
         assert any(t.startswith("health/") for t in get("text/tags").get("version_0", []))
         # every failing verdict of a step is in the Text tab, not only the last one written under its tag
-        saturated = [t.split("/")[-1] for t in tags if t.startswith("act/saturation/")]
-        saturated = [
-            n for n in saturated if get("scalars/scalars", run="version_0", tag=f"act/saturation/{n}")[0][2] > 30
-        ]
+        layers = [r.split("/", 2)[2] for r in runs if r.startswith("version_0/layers/") and sat in runs[r]]
+        saturated = [n for n in layers if get("scalars/scalars", run=f"version_0/layers/{n}", tag=sat)[0][2] > 30]
         text = next(
             e["text"] for e in get("text/text", run="version_0", tag="health/saturation/text_summary") if e["step"] == 0
         )
@@ -400,14 +402,21 @@ def test_statistics_are_all_reduced_across_processes(tmp_path):
 def test_the_worker_process_computes_what_the_training_process_would(project, monkeypatch):
     """stats_in_worker is speed only: every diagnostics number, histogram and verdict is the same inline."""
     monkeypatch.chdir(project)
+    monkeypatch.setattr(TrainingDiagnostics, "INLINE_SAMPLES", 2)  # step 0 inline, the others in the worker
     common = ["fit", "--trainer.max_steps", "250", *SMALL, "--data.steps_per_epoch", "250"]
     common += ["--diagnostics.every_n_steps", "50", "--diagnostics.histograms_every_n_steps", "100"]
     assert main([*common, "--trainer.default_root_dir", "worker"]) == 0
     assert main([*common, "--trainer.default_root_dir", "inline", "--diagnostics.stats_in_worker", "false"]) == 0
     runs = [scalars(project / d / "lightning_logs" / "version_0") for d in ("worker", "inline")]
-    diag = [t for t in runs[1] if t.split("/")[0] in ("act", "grad", "weight", "update", "health")]
+    diag = [t for t in runs[1] if ":" in t or t.startswith("health/")]
     assert len(diag) > 20 and {t: runs[0][t] for t in diag} == {t: runs[1][t] for t in diag}
-    assert [s for s, _ in runs[0]["act/std/net.layers.2"]] == [0, 50, 100, 150, 200]  # every sample, in order
+    assert [s for s, _ in runs[0]["layers/net.layers.2:1 activations/std"]] == [
+        0,
+        50,
+        100,
+        150,
+        200,
+    ]  # every sample, in order
     hists = [_events(project / d / "lightning_logs" / "version_0") for d in ("worker", "inline")]
     tag = "act_hist/net.layers.2"
     assert [(e.step, list(e.histogram_value.bucket)) for e in hists[0].Histograms(tag)] == [
@@ -425,9 +434,31 @@ def test_a_dead_worker_process_leaves_the_statistics_inline(project, monkeypatch
     monkeypatch.chdir(project)
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker process exits at once
     args = ["fit", "--trainer.max_steps", "150", *SMALL, "--data.steps_per_epoch", "150"]
+    args += ["--diagnostics.histograms_every_n_steps", "50", "--diagnostics.figures_every_n_steps", "100"]
     assert main([*args, "--diagnostics.every_n_steps", "50", "--trainer.default_root_dir", "runs"]) == 0
-    assert "[diagnostics] the worker process stopped (exit code 1)" in capsys.readouterr().err
-    steps = [s for s, _ in scalars(project / "runs" / "lightning_logs" / "version_0")["act/std/net.layers.2"]]
+    err = capsys.readouterr().err
+    assert "[diagnostics] the figures worker process stopped (exit code 1) before drawing step(s) 0" in err
+    run = project / "runs" / "lightning_logs" / "version_0"
+    assert [s for s, _ in scalars(run)["layers/net.layers.2:1 activations/std"]] == [
+        0,
+        50,
+        100,
+    ]  # short run: statistics inline
+    images = _events(run).Tags()["images"]  # the figures the worker never drew, drawn by the training process
+    assert {e.step for tag in images for e in _events(run).Images(tag)} == {0, 100} and len(images) == 4
+
+
+def test_a_dead_statistics_worker_leaves_the_statistics_inline(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker process exits at once
+    monkeypatch.setattr(TrainingDiagnostics, "INLINE_SAMPLES", 1)  # a statistics worker from the first sample
+    args = ["fit", "--trainer.max_steps", "150", *SMALL, "--data.steps_per_epoch", "150"]
+    assert main([*args, "--diagnostics.every_n_steps", "50", "--trainer.default_root_dir", "runs"]) == 0
+    assert "[diagnostics] the stats worker process stopped (exit code 1)" in capsys.readouterr().err
+    steps = [
+        s
+        for s, _ in scalars(project / "runs" / "lightning_logs" / "version_0")["layers/net.layers.2:1 activations/std"]
+    ]
     assert steps in ([50, 100], [0, 50, 100])  # only what the dead worker never answered (step 0) may be lost
 
 
@@ -512,7 +543,7 @@ def test_the_package_works_copied_into_another_project(tmp_path):
     from tests.conftest import scalars
 
     tags = scalars(next((tmp_path / "logs").glob("lightning_logs/version_0")))
-    assert [s for s, _ in tags["act/std/layers.1"]] == [0, 5, 10]
+    assert [s for s, _ in tags["layers/layers.1:1 activations/std"]] == [0, 5, 10]
 
 
 def test_a_bad_argument_names_the_python_argument_and_the_cli_its_option(project, monkeypatch, capsys):
@@ -523,30 +554,3 @@ def test_a_bad_argument_names_the_python_argument_and_the_cli_its_option(project
         TrainingDiagnostics(every_n_steps=-1)
     assert main(["fit", "--diagnostics.every_n_steps", "-1", "--trainer.max_steps", "1"]) == 2
     assert "error: --diagnostics.every_n_steps must be 0 (off) or more, got -1" in capsys.readouterr().err
-
-
-def test_a_model_with_nothing_to_watch_says_so(tmp_path, capsys):
-    """A model calling functional activations only (as nn.Transformer does): one line says what is not measured."""
-    import lightning as L
-
-    class Functional(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.b(torch.relu(self.a(x))), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    data = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=8
-    )
-    diagnostics = TrainingDiagnostics(every_n_steps=2, figures_every_n_steps=0, histograms_every_n_steps=0)
-    trainer = L.Trainer(max_steps=4, callbacks=[diagnostics], logger=False, enable_checkpointing=False)
-    trainer.fit(Functional(), data)
-    err = capsys.readouterr().err
-    assert err.count("[diagnostics] no layer to watch in Functional") == 1
-    assert diagnostics.last_snapshot.layers == [] and len(diagnostics.last_snapshot.weights) == 2  # weights still

@@ -114,8 +114,12 @@ def test_mixed_precision_on_cpu_with_the_default_diagnostics(project, names_file
     ref = reference_run(str(names_file), 60, NET, autocast=torch.bfloat16, threads=1)
     _assert_states(_net_state(checkpoint), ref.net.state_dict(), exact=False)
     tags = scalars(project / "run" / "lightning_logs" / "version_0")
-    assert [s for s, _ in tags["act/std/net.layers.2"]] == [0, 20, 40]  # the diagnostics measured, in float32
-    assert all(math.isfinite(v) and v > 0 for _, v in tags["act/std/net.layers.2"])
+    assert [s for s, _ in tags["layers/net.layers.2:1 activations/std"]] == [
+        0,
+        20,
+        40,
+    ]  # the diagnostics measured, in float32
+    assert all(math.isfinite(v) and v > 0 for _, v in tags["layers/net.layers.2:1 activations/std"])
 
 
 def test_val_check_interval_counts_optimizer_steps(project, names_file, monkeypatch):

@@ -1,16 +1,18 @@
-"""TrainingDiagnostics: the lecture's four diagnostics, live in TensorBoard, for any LightningModule.
+"""TrainingDiagnostics: the lecture's four diagnostics, live in TensorBoard (or any logger), for any LightningModule.
 
 On a sampled step (step 0 and every every_n_steps) and only then, hooks are attached:
 - a forward hook on each watched layer keeps its output and puts a tensor hook on it for the output's gradient
   (not register_full_backward_hook, which breaks on in-place ops);
 - an optimizer step pre-hook keeps every parameter, and a post-hook measures the real change and the gradient.
-Every hook removes itself after one use, so other steps pay nothing.
+They do nothing once every optimizer has stepped, and are removed at the end of the batch (never from inside a
+hook: torch would be iterating the hooks, other callbacks' included), so other steps pay nothing.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import atexit
 import math
+import os
 import sys
 import time
 from functools import partial
@@ -18,16 +20,20 @@ from functools import partial
 import lightning as L
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from . import figures, tbwrite
-from .stats import CapturedLayer, CapturedParams, Snapshot, is_activation, summarize
+from .outputs import custom_scalars_layout, flat_scalars, snapshot_histograms, snapshot_scalars, snapshot_series
+from .select import Watched, chosen_layers, default_layers, describe, groups
+from .stats import CapturedLayer, CapturedParams, Snapshot, summarize
 from .verdicts import CHECKS, HealthThresholds, Verdict, judge
 from .worker import Worker, figures_job
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX} if dist.is_available() else {}
+MAX_CALLS = 8  # a module called more often in one step (an RNN cell in a loop): its first calls are measured
+
+__all__ = ["DiagnosticsConfigError", "TrainingDiagnostics", "custom_scalars_layout", "flat_scalars", "snapshot_series"]
 
 
 class DiagnosticsConfigError(ValueError):
@@ -37,6 +43,42 @@ class DiagnosticsConfigError(ValueError):
 def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     dist.all_reduce(t, op=_OPS[op])
     return t
+
+
+def _say(message: str) -> None:
+    print(f"[diagnostics] {message}", file=sys.stderr)
+
+
+_FINISHING: list[Worker] = []  # workers still drawing after their fit returned, in any TrainingDiagnostics
+
+
+def _settle(worker: Worker, timeout: float) -> bool:
+    """Wait for a finished worker to exit; the figures it died without drawing are drawn here. True when done."""
+    if not worker.wait(timeout):
+        return False
+    if worker in _FINISHING:
+        _FINISHING.remove(worker)
+    jobs = [job for kind, job in worker.unanswered if kind == "figures"]
+    worker.unanswered.clear()
+    if jobs:
+        _say(
+            f"the figures worker process stopped (exit code {worker.process.returncode}) before drawing step(s) "
+            f"{', '.join(str(job[1]) for job in jobs)}; drawing them in this process"
+        )
+        writers: dict = {}
+        for _, step, (snapshot, history, destination) in jobs:
+            figures.write(figures.render_pngs(snapshot, history), step, destination, writers)
+        for writer in writers.values():
+            writer.close()
+    return True
+
+
+@atexit.register
+def _settle_all(timeout: float = 60.0) -> None:
+    """At exit: the last figures written (or drawn here, if their worker died) before the interpreter goes."""
+    deadline = time.monotonic() + timeout
+    for worker in list(_FINISHING):
+        _settle(worker, max(deadline - time.monotonic(), 0.0))
 
 
 class TrainingDiagnostics(Callback):
@@ -58,7 +100,8 @@ class TrainingDiagnostics(Callback):
         Args:
             every_n_steps: sample step 0 and every this many optimizer steps (0 turns diagnostics off).
             layers: which modules to watch: module paths or class names, glob patterns allowed ('net.layers.*',
-                'Tanh'). Default: every torch.nn activation module (Tanh, ReLU, GELU, ...).
+                'Tanh'). Default: every torch.nn activation module and recurrent layer; in a model without
+                activation modules (F.relu), its repeated blocks, else its Linear/Conv layers (see select.py).
             saturation_threshold: |t| above which a bounded activation's output counts as saturated.
             histogram_bins: bins of every histogram (computed on the device).
             histograms_every_n_steps: log histograms at step 0 and every this many steps (a multiple of
@@ -67,9 +110,10 @@ class TrainingDiagnostics(Callback):
                 (a multiple of histograms_every_n_steps; 0: none).
             expected_initial_loss: loss expected at step 0; default ln(classes) where the module has num_classes.
             health: thresholds of the verdicts.
-            stats_in_worker: compute a sampled step's statistics in the worker process that also draws the
-                figures, when training runs in one process on the CPU (speed only: the same numbers, logged a
-                batch later); False computes them in the training process.
+            stats_in_worker: from the run's 10th sampled step on (a short run never pays for the process),
+                compute a sampled step's statistics in a worker process when training runs in one process on the
+                CPU (speed only: the same numbers, logged a batch later); False computes them in the training
+                process. Figures are always drawn by a worker process of their own, at low priority.
         """
         super().__init__()
         if every_n_steps < 0:
@@ -86,7 +130,7 @@ class TrainingDiagnostics(Callback):
             raise DiagnosticsConfigError(f"saturation_threshold must be in (0, 1), got {saturation_threshold}")
         if histogram_bins < 2:
             raise DiagnosticsConfigError(f"histogram_bins must be at least 2, got {histogram_bins}")
-        self.every_n_steps = every_n_steps  # also read by NamesDataModule: a sampled step starts a batch
+        self.every_n_steps = every_n_steps
         self.patterns = list(layers) if layers else None
         self.saturation_threshold = saturation_threshold
         self.bins = histogram_bins
@@ -94,66 +138,88 @@ class TrainingDiagnostics(Callback):
         self.figures_every_n_steps = figures_every_n_steps
         self.expected_initial_loss = expected_initial_loss
         self.health = health
+        self.stats_in_worker = stats_in_worker
         # across the run (saved in checkpoints)
         self.update_history: dict[str, list[tuple[int, float]]] = {}
         self.warned: set[tuple[str, str]] = set()
-        # the step being sampled
-        self._watched: list[tuple[str, nn.Module]] = []
+        # chosen at fit start
+        self.watched: list[Watched] = []
         self._param_names: dict[int, str] = {}
+        # the step being sampled
+        self._sampling: int | None = None
         self._handles: list = []
         self._layers: list[CapturedLayer] = []
+        self._calls: dict[str, int] = {}  # forward calls of each watched module in this step
+        self._unmeasured: dict[str, str] = {}  # watched module -> why its output was not measured (said once)
         self._params: list[CapturedParams] = []
         self._before: dict[int, torch.Tensor] = {}  # per optimizer: its rows, once the parameters are saved
         self._buffers: dict[int, tuple] = {}  # per optimizer: (3, n) before / change / gradient, names, shapes
-        self._captured_names: set[str] = set()
-        self._sampling: int | None = None
-        self._stepped = False
-        self._optimizers_left = 0
+        self._stepped_optimizers: set[int] = set()
         self._loss: torch.Tensor | None = None
+        self._grad_scale = 1.0  # the GradScaler's scale in this step's backward (16-mixed): output grads / it
+        # results
         self.last_snapshot: Snapshot | None = None
         self.last_verdicts: list[Verdict] = []
         self._last_drawable: Snapshot | None = None  # the latest snapshot with histograms, for the figures
         self._last_drawn: int | None = None
-        self.stats_in_worker = stats_in_worker
-        self._worker: Worker | None = None  # statistics and figures, see worker.py; started when first needed
-        self._no_worker = False  # it could not be started: everything inline
+        self._workers: dict[str, Worker] = {}  # "stats" and "figures" processes, see worker.py
+        self._no_worker: set[str] = set()  # kinds whose worker could not be started or died: done inline
+        self._samples = 0  # sampled steps so far in this fit
+        self._figure_jobs: list[tuple] = []  # figures asked for before the figures worker starts
+        self._finishing: list[Worker] = []  # workers drawing its last figures after fit (see wait())
+        self._runs: tbwrite.RunFiles | None = None  # the per-layer runs (see outputs.py), TensorBoard only
+        self._writers: dict = {}  # TensorBoard event files of figures drawn in this process
         self._running: tuple[L.Trainer, L.LightningModule] | None = None  # for state_dict(), which gets neither
 
-    # ------------------------------------------------------------------------------------------------ setup
+    # --------------------------------------------------------------------------------------- what to watch
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._watched = self._select(pl_module)
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Layers are chosen here, after `configure_model` (which runs after `setup`) has built them."""
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
-
-    def _select(self, pl_module: L.LightningModule) -> list[tuple[str, nn.Module]]:
-        modules = [(n, m) for n, m in pl_module.named_modules() if n]
         if self.patterns is None:
-            return [(n, m) for n, m in modules if is_activation(m)]
-        chosen = [
-            (n, m)
-            for n, m in modules
-            if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(type(m).__name__, p) for p in self.patterns)
-        ]
-        if not chosen:
-            raise DiagnosticsConfigError(
-                f"layers {self.patterns} matches no module of {type(pl_module).__name__}; "
-                "give module paths (see the model summary) or class names such as Tanh"
-            )
-        return chosen
+            chosen, self._rule = default_layers(pl_module)
+        else:
+            chosen, self._rule = chosen_layers(pl_module, self.patterns), f"layers={self.patterns}"
+            if not chosen:
+                raise DiagnosticsConfigError(
+                    f"layers {self.patterns} matches no module of {type(pl_module).__name__}; "
+                    "give module paths (see the model summary) or class names such as Tanh"
+                )
+        group = groups(pl_module, [n for n, _ in chosen])
+        self.watched = [Watched(n, m, group[n]) for n, m in chosen]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._running = (trainer, pl_module)
-        if self.every_n_steps and not self._watched and trainer.is_global_zero:
-            print(
-                f"[diagnostics] no layer to watch in {type(pl_module).__name__}: no torch.nn activation modules (a "
-                "model may call functional ones, F.relu); activation and gradient statistics are off, weights and "
-                "updates are measured; pass layers=[...] (module paths or class names) to choose layers",
-                file=sys.stderr,
-            )
+        if not self.every_n_steps:
+            return
+        if trainer.is_global_zero:
+            self._say_what_is_watched(trainer, pl_module)
         tbwrite.speed_up()
         writer = self._writer(trainer)
-        if writer is not None and self.every_n_steps:
+        if writer is not None:
             writer.add_custom_scalars(custom_scalars_layout())
+            if trainer.is_global_zero:  # a resumed run: what a killed process logged from here on is dropped
+                self._runs = tbwrite.RunFiles(self._figure_destination(trainer)[1], trainer.global_step or None)
+        self._samples, self._figure_jobs = 0, []
+
+    def _say_what_is_watched(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = type(pl_module).__name__
+        if self.watched:
+            _say(f"watching {describe(self.watched)} of {model} every {self.every_n_steps} steps ({self._rule})")
+        else:
+            _say(
+                f"no layer to watch in {model}: no torch.nn activation module, block, Linear or Conv layer; "
+                "activation and gradient statistics are off, weights and updates are measured; pass "
+                "layers=[...] (module paths or class names) to choose layers"
+            )
+        if not trainer.loggers:
+            _say("no logger (logger=False): nothing is recorded; failing verdicts are printed here only")
+        elif self._writer(trainer) is None:
+            kinds = ", ".join(type(lg).__name__ for lg in trainer.loggers)
+            figures_note = ""
+            if self.figures_every_n_steps:
+                figures_note = f"; the figures are written as PNG files to {self._figure_destination(trainer)[1]}"
+            _say(f"no TensorBoard logger: scalars go to {kinds}; histograms are not recorded{figures_note}")
 
     # ---------------------------------------------------------------------------------------------- capture
 
@@ -161,29 +227,53 @@ class TrainingDiagnostics(Callback):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or self._sampling is not None:
             return
-        self._sampling, self._stepped, self._loss = step, False, None
-        self._optimizers_left = len(trainer.optimizers)
-        self._layers, self._params, self._before, self._captured_names = [], [], {}, set()
-        for name, module in self._watched:
-            self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
+        self._sampling, self._loss, self._grad_scale = step, None, 1.0
+        self._layers, self._params, self._before, self._calls = [], [], {}, {}
+        self._stepped_optimizers = set()
+        for w in self.watched:
+            self._handles.append(w.module.register_forward_hook(partial(self._on_forward, w)))
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._on_pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._on_post_step))
 
-    def _on_forward(self, name: str, module: nn.Module, inputs, output) -> None:
-        if not isinstance(output, torch.Tensor) or name in self._captured_names:
-            return  # first call of the sampled step only
-        self._captured_names.add(name)
+    @property
+    def _stepped(self) -> bool:
+        return bool(self._running) and len(self._stepped_optimizers) >= len(self._running[0].optimizers)
+
+    def _on_forward(self, w: Watched, module, inputs, output) -> None:
+        if self._stepped:
+            return  # after the update: another step's forward (manual optimization)
+        tensor = output[0] if isinstance(output, (tuple, list)) and output else output  # RNNs: (output, state)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            self._unmeasured.setdefault(w.name, f"its output is a {type(output).__name__}, not a float tensor")
+            return
+        calls = self._calls[w.name] = self._calls.get(w.name, 0) + 1
+        if calls > MAX_CALLS:
+            self._unmeasured.setdefault(w.name, f"called more than {MAX_CALLS} times a step; its first are measured")
+            return
+        t = tensor.detach()
+        if t.dim() >= 3 and w.channel_dim(t.dim()) != t.dim() - 1:
+            t = t.movedim(1, -1)  # channels last: a unit is a channel, dead when it is for every position
         # a float32 copy: statistics in float32 whatever the precision (bf16/fp16 under autocast)
-        captured = CapturedLayer(name, module, output.detach().to(torch.float32, copy=True))
+        t = t.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        name = w.name if calls == 1 else f"{w.name}#{calls}"  # a reused module: each call a layer of its own
+        captured = CapturedLayer(name, None, t, kind=w.kind, bounds=w.bounds, group=w.group)
         self._layers.append(captured)
-        if output.requires_grad:
+        if tensor.requires_grad:
 
             def keep_grad(grad: torch.Tensor) -> None:
-                if captured.grad is None:
-                    captured.grad = grad.detach().to(torch.float32, copy=True)
+                if captured.grad is None and not self._stepped:
+                    g = grad.detach().to(torch.float32, copy=True)
+                    captured.grad = g if self._grad_scale == 1.0 else g.div_(self._grad_scale)
 
-            output.register_hook(keep_grad)
+            tensor.register_hook(keep_grad)
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        """Under 16-mixed the loss is multiplied by the GradScaler's scale before backward: so is every gradient
+        the tensor hooks see (the weights' are unscaled by Lightning before the optimizer steps)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self._sampling is not None and not self._stepped and scaler is not None and scaler.is_enabled():
+            self._grad_scale = float(scaler.get_scale())
 
     def _rows(self, optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], torch.Tensor, list, list]:
         """The optimizer's parameters, a (3, n) buffer for them kept across samples (allocating a fresh one each
@@ -193,34 +283,32 @@ class TrainingDiagnostics(Callback):
         params = [params[i] for i in order]  # summarize reduces each run of them at once
         cached, numel = self._buffers.get(id(optimizer)), sum(p.numel() for p in params)
         if cached is None or cached[0].shape[1] != numel:
-            rows = torch.empty(3, numel, dtype=params[0].dtype, device=params[0].device)
+            dtype = params[0].dtype if params[0].dtype in (torch.float32, torch.float64) else torch.float32
+            rows = torch.empty(3, numel, dtype=dtype, device=params[0].device)
             names = [self._param_names.get(id(p), f"param_{i}") for i, p in zip(order, params)]
             cached = self._buffers[id(optimizer)] = (rows, names, [tuple(p.shape) for p in params], order)
         return params, *cached
 
     @staticmethod
     def _flatten_into(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
-        torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
+        torch.cat([t.detach().reshape(-1).to(out.dtype) for t in tensors], out=out)
 
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-        if not self._stepped:
+        if id(optimizer) not in self._stepped_optimizers:
             params, rows, *_ = self._rows(optimizer)
             self._flatten_into(params, rows[0])
             self._before[id(optimizer)] = rows
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         rows = self._before.pop(id(optimizer), None)
-        if self._stepped or rows is None:
-            return
+        if rows is None or id(optimizer) in self._stepped_optimizers:
+            return  # its first step of the sample is measured; later ones (manual optimization) are not
         params, _, names, shapes, order = self._rows(optimizer)
         self._flatten_into(params, rows[1])
-        rows[1].sub_(rows[0])  # the real change the optimizer made
+        rows[1].sub_(rows[0])  # the real change the optimizer made (clipped, unscaled, momentum: all included)
         self._flatten_into([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], rows[2])
         self._params.append(CapturedParams(names, shapes, rows, order))
-        self._optimizers_left -= 1
-        if self._optimizers_left <= 0:  # every optimizer has stepped once
-            self._stepped = True
-            self._remove_hooks()  # nothing more to see on this step: later steps of the batch run hook-free
+        self._stepped_optimizers.add(id(optimizer))
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -236,10 +324,22 @@ class TrainingDiagnostics(Callback):
             if isinstance(loss, torch.Tensor) and pl_module.automatic_optimization:
                 loss = loss * trainer.accumulate_grad_batches  # Lightning hands on the loss / accumulation steps
             self._loss = loss.detach() if isinstance(loss, torch.Tensor) else None
-        if not self._stepped:  # e.g. accumulating gradients: the optimizer has not stepped yet
-            return
+        if not self._stepped and trainer.global_step == self._sampling:
+            return  # e.g. accumulating gradients: the optimizer has not stepped yet
         self._remove_hooks()
         step, params = self._sampling, _merge(self._params)
+        if params is None:  # Lightning counted a step no optimizer made: the GradScaler skipped it
+            for x in self._layers:
+                x.grad = None
+            _say(
+                f"step {step}: the optimizer step was skipped (the gradient scaler found inf/NaN gradients at "
+                f"scale {self._grad_scale:g}): its loss and activations are recorded, not its gradients or update"
+            )
+        if self._unmeasured and trainer.is_global_zero:
+            for name, why in self._unmeasured.items():
+                if ("unmeasured", name) not in self.warned:
+                    self.warned.add(("unmeasured", name))
+                    _say(f"{name} is watched but not measured in full: {why}")
         histograms = bool(self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0)
         worker = self._worker_for(trainer, params)
         if worker is not None:
@@ -262,40 +362,116 @@ class TrainingDiagnostics(Callback):
         if worker is None:
             self._record(trainer, pl_module, snapshot)
 
-    def _worker_for(self, trainer: L.Trainer, params: CapturedParams | None) -> Worker | None:
-        """The worker, when this sample's statistics may go there: one process (no all-reduce), tensors on the CPU
-        (a GPU reduces them faster than it could copy them out)."""
-        on_cpu = all(x.output.device.type == "cpu" for x in self._layers) and (params is None or params.rows.is_cpu)
-        if not (self.stats_in_worker and trainer.world_size == 1 and on_cpu):
-            return None
-        return self._start_worker()
-
-    def _drop_dead_worker(self) -> None:
-        """A worker that died is said so once; statistics and figures are then computed inline."""
-        if self._worker is not None and not self._worker.alive():
-            lost, code = self._worker.pending["stats"] + self._worker.pending["figures"], self._worker.process.poll()
-            self._worker, self._no_worker = None, True
-            print(
-                f"[diagnostics] the worker process stopped (exit code {code}) with {lost} job(s) unanswered; "
-                "statistics and figures in the training process from here",
-                file=sys.stderr,
-            )
-
-    def _start_worker(self) -> Worker | None:
-        self._drop_dead_worker()
-        if self._worker is None and not self._no_worker:
-            try:
-                self._worker = Worker()
-            except OSError as e:
-                self._no_worker = True
-                print(
-                    f"[diagnostics] no worker process ({e}); statistics and figures in the training process",
-                    file=sys.stderr,
-                )
-        return self._worker
-
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._remove_hooks()
+
+    # ----------------------------------------------------------------------------------- the worker process
+
+    INLINE_SAMPLES = 10  # the first samples of a fit are computed inline: a short run never starts a stats worker
+
+    def _worker_for(self, trainer: L.Trainer, params: CapturedParams | None) -> Worker | None:
+        """The statistics worker, when this sample may go there: one process (no all-reduce), tensors on the CPU
+        (a GPU reduces them faster than it could copy them out), past the first INLINE_SAMPLES samples, the
+        worker up (torch imported). Otherwise inline (~1.4 ms), unless earlier samples are still queued there
+        (steps stay in order)."""
+        self._samples += 1
+        if self._samples == self.INLINE_SAMPLES:
+            self._draw_figures()  # a long run: the figures of step 0 now
+        on_cpu = all(x.output.device.type == "cpu" for x in self._layers) and (params is None or params.rows.is_cpu)
+        if not (self.stats_in_worker and trainer.world_size == 1 and on_cpu) or self._samples < self.INLINE_SAMPLES:
+            return None
+        worker = self._start_worker("stats")
+        if worker is not None and (worker.pending["stats"] or worker.ready_event.is_set()):
+            return worker
+        return None
+
+    def _drop_dead_worker(self, kind: str) -> None:
+        """A worker that died is said so once; its work is then done inline (the figures it had not drawn too)."""
+        worker = self._workers.get(kind)
+        if worker is not None and not worker.alive():
+            worker.wait(1.0)  # its last answers read
+            del self._workers[kind]
+            self._no_worker.add(kind)
+            code = worker.process.returncode
+            if kind == "figures":
+                jobs = [job for k, job in worker.unanswered if k == "figures"]
+                self._figure_jobs[:0] = jobs
+                steps = ", ".join(str(job[1]) for job in jobs) or "none"
+                _say(
+                    f"the figures worker process stopped (exit code {code}) before drawing step(s) {steps}; "
+                    "drawing them in this process"
+                )
+            else:
+                _say(
+                    f"the stats worker process stopped (exit code {code}) with {worker.pending['stats']} sampled "
+                    "step(s) unanswered (lost); statistics in the training process from here"
+                )
+
+    def _start_worker(self, kind: str) -> Worker | None:
+        self._drop_dead_worker(kind)
+        if kind not in self._workers and kind not in self._no_worker:
+            try:  # figures: at the lowest priority, on CPU time that training leaves idle; no torch needed
+                self._workers[kind] = Worker(nice=19, warm=False) if kind == "figures" else Worker()
+            except OSError as e:
+                self._no_worker.add(kind)
+                _say(f"no {kind} worker process ({e}); {kind} in the training process")
+        return self._workers.get(kind)
+
+    def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, wait: float = 0.0) -> None:
+        """Record the statistics worker's answers, in order; with wait > 0, until none is pending or the time is
+        up. (Figures are never waited for: their worker writes them itself and says when one fails.)"""
+        if "figures" in self._workers:
+            self._workers["figures"].ready()  # its answers: nothing to do with them
+        deadline = time.monotonic() + wait
+        while (worker := self._workers.get("stats")) is not None and worker.pending["stats"]:
+            answers = worker.ready(max(deadline - time.monotonic(), 0.0) if wait else 0.0)
+            for kind, step, result in answers:
+                if isinstance(result, str):
+                    _say(f"{kind} of step {step} failed: {result}")
+                else:
+                    self._record(trainer, pl_module, result)
+            if not wait or not answers:
+                break
+        if wait:
+            self._drop_dead_worker("stats")
+        if wait and (worker := self._workers.get("stats")) is not None and worker.pending["stats"]:  # too slow
+            _say(f"the worker process did not answer for {worker.pending['stats']} sampled step(s); they are lost")
+
+    def _finish_workers(self) -> None:
+        for worker in self._workers.values():
+            worker.finish()
+            _FINISHING.append(worker)
+            self._finishing.append(worker)
+        self._workers = {}
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+        if self._runs is not None:
+            self._runs.close()
+            self._runs = None
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Wait up to timeout seconds for the figures still being drawn after fit returned (the worker writes them
+        on its own, so training never waits for them); True when they are all written."""
+        deadline = time.monotonic() + timeout
+        done = [_settle(w, max(deadline - time.monotonic(), 0.0)) for w in self._finishing]
+        self._finishing = [w for w, settled in zip(self._finishing, done) if not settled]
+        return all(done)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer, pl_module, wait=120.0)  # every sampled step recorded
+        s = self._last_drawable
+        if self.figures_every_n_steps and trainer.is_global_zero and s is not None and s.step != self._last_drawn:
+            self._log_figures(trainer, s)  # the figures of the last step with histograms
+        self._draw_figures()
+        self._finish_workers()
+        self._running = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        self._draw_figures()  # after an exception: the figures asked for still get drawn
+        self._finish_workers()  # and the workers do what they have, then stop
+        self._sampling, self._running = None, None
 
     # ---------------------------------------------------------------------------------------------- results
 
@@ -319,80 +495,63 @@ class TrainingDiagnostics(Callback):
                 self._log_figures(trainer, s)
 
     def _log(self, trainer: L.Trainer, s: Snapshot, verdicts: list[Verdict]) -> None:
-        scalars = snapshot_scalars(s)
+        """Scalars to every logger (in TensorBoard, per-layer numbers in the layers' runs: see outputs.py);
+        histograms and the verdicts' text to TensorBoard; new failures to stderr."""
+        health = {}
         for check in CHECKS:
             mine = [v for v in verdicts if v.check == check]
             if mine:
-                scalars[f"health/{check}"] = float(any(not v.ok for v in mine))
+                health[f"health/{check}"] = float(any(not v.ok for v in mine))
         writer = self._writer(trainer)
+        for logger in trainer.loggers:
+            if writer is not None and isinstance(logger, TensorBoardLogger) and logger.experiment is writer:
+                tbwrite.add_scalars(writer, {**snapshot_scalars(s), **health}, s.step)  # one event for all
+                if self._runs is not None:
+                    self._runs.add_scalars(snapshot_series(s), s.step)
+            else:
+                logger.log_metrics({**flat_scalars(s), **health}, step=s.step)
         if writer is not None:
-            tbwrite.add_scalars(writer, scalars, s.step)
             for tag, hist in snapshot_histograms(s).items():
                 tbwrite.add_histogram(writer, tag, hist, s.step)
-        else:
-            for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=s.step)
         new = [v for v in verdicts if not v.ok and (v.check, v.subject) not in self.warned]
         for v in new:
             self.warned.add((v.check, v.subject))
-            print(f"[diagnostics] step {s.step}: {v.message}", file=sys.stderr)
+            _say(f"step {s.step}: {v.message}")
         if writer is not None:  # one entry per check and step: TensorBoard shows only the last of a tag and step
             for check in dict.fromkeys(v.check for v in new):
                 lines = [f"- step {s.step}: {v.message}" for v in new if v.check == check]
                 writer.add_text(f"health/{check}", "\n".join(lines), s.step)
 
+    def _figure_destination(self, trainer: L.Trainer) -> tuple[str, str] | None:
+        """Where figures go: the TensorBoard run directory; PNG files in the run directory of another logger;
+        nowhere without a logger."""
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return ("tensorboard", logger.log_dir)
+        if trainer.loggers:
+            return ("png", os.path.join(trainer.log_dir or trainer.default_root_dir, "diagnostics_figures"))
+        return None
+
     def _log_figures(self, trainer: L.Trainer, s: Snapshot) -> None:
-        """Hand the figures of s to the worker process (drawn inline if none can be started)."""
-        if self._writer(trainer) is None:
+        """Hand the figures of s to the worker process, which writes them (drawn here if it cannot be started)."""
+        destination = self._figure_destination(trainer)
+        if destination is None:
             return
         self._last_drawn = s.step
-        worker = self._start_worker()
-        if worker is not None:
-            worker.submit(figures_job(s, self.update_history))
-        else:
-            tbwrite.add_png_images(self._writer(trainer), figures.render_pngs(s, self.update_history), s.step)
+        self._figure_jobs.append(figures_job(s, self.update_history, destination))
+        if self._samples >= self.INLINE_SAMPLES or self._running is None:
+            self._draw_figures()  # else later: a short run draws its figures after training, not during it
 
-    def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, wait: float = 0.0) -> None:
-        """Record the worker's answers, in order: statistics (their verdicts and logging may ask for figures, so
-        with wait > 0 this goes on until nothing is pending or the time is up) and figures."""
-        deadline = time.monotonic() + wait
-        while self._worker is not None and sum(self._worker.pending.values()):
-            answers = self._worker.ready(max(deadline - time.monotonic(), 0.0) if wait else 0.0)
-            for kind, step, result in answers:
-                if isinstance(result, str):
-                    print(f"[diagnostics] {kind} of step {step} failed: {result}", file=sys.stderr)
-                elif kind == "stats":
-                    self._record(trainer, pl_module, result)
-                elif self._writer(trainer) is not None:
-                    tbwrite.add_png_images(self._writer(trainer), result, step)
-            if not wait or not answers:
-                break
-        if wait:
-            self._drop_dead_worker()
-        if wait and self._worker is not None and self._worker.pending["stats"]:  # alive, but too slow
-            print(
-                f"[diagnostics] the worker process did not answer for {self._worker.pending['stats']} sampled "
-                "step(s); their statistics are lost",
-                file=sys.stderr,
-            )
-
-    def _close_worker(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.close(wait=0.0)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._collect(trainer, pl_module, wait=120.0)  # every sampled step recorded
-        s = self._last_drawable
-        if self.figures_every_n_steps and trainer.is_global_zero and s is not None and s.step != self._last_drawn:
-            self._log_figures(trainer, s)  # the figures of the last step with histograms
-        self._collect(trainer, pl_module, wait=120.0)
-        self._close_worker()
-        self._running = None
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._close_worker()  # after an exception: stop the worker
-        self._running = None
+    def _draw_figures(self) -> None:
+        """Send the figures asked for to their worker (drawn here if it cannot be started)."""
+        while self._figure_jobs:
+            job = self._figure_jobs.pop(0)
+            worker = self._start_worker("figures")  # a dead worker's undrawn jobs come back to the front
+            if worker is not None:
+                worker.submit(job)
+            else:
+                snapshot, history, destination = job[2]
+                figures.write(figures.render_pngs(snapshot, history), job[1], destination, self._writers)
 
     @staticmethod
     def _writer(trainer: L.Trainer):
@@ -424,66 +583,3 @@ def _merge(captured: list[CapturedParams]) -> CapturedParams | None:
     offsets = [sum(len(c.names) for c in captured[:i]) for i in range(len(captured))]
     order = [o + i for c, o in zip(captured, offsets) for i in (c.order or range(len(c.names)))]
     return CapturedParams([n for c in captured for n in c.names], [s for c in captured for s in c.shapes], rows, order)
-
-
-# ------------------------------------------------------------------------------------------- what is logged
-
-
-def snapshot_scalars(s: Snapshot) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if s.loss is not None:
-        out["sampled/loss"] = s.loss  # the loss of the sampled step's minibatch, before its update (step 0: init)
-    for x in s.layers:
-        out[f"act/mean/{x.name}"] = x.mean
-        out[f"act/std/{x.name}"] = x.std
-        if x.saturation is not None:
-            out[f"act/saturation/{x.name}"] = 100 * x.saturation  # percent, as the lecture prints it
-        out[f"act/dead/{x.name}"] = 100 * x.dead
-        if x.grad_std is not None:
-            out[f"grad/mean/{x.name}"] = x.grad_mean
-            out[f"grad/std/{x.name}"] = x.grad_std
-    for p in s.weights:
-        if p.grad_std is not None:
-            out[f"weight/grad_mean/{p.name}"] = p.grad_mean
-            out[f"weight/grad_std/{p.name}"] = p.grad_std
-        if p.grad_data_ratio is not None:
-            out[f"weight/grad_data_ratio/{p.name}"] = p.grad_data_ratio
-    for p in s.params:
-        if p.log10_update_ratio is not None and math.isfinite(p.log10_update_ratio):
-            out[f"update/log10_ratio/{p.name}"] = p.log10_update_ratio
-    if s.params:
-        out["update/reference"] = -3.0  # the lecture's 1e-3 line, so the custom-scalars chart can show it
-    return out
-
-
-def snapshot_histograms(s: Snapshot) -> dict:
-    out = {}
-    for x in s.layers:
-        if x.hist is not None:
-            out[f"act_hist/{x.name}"] = x.hist
-        if x.grad_hist is not None:
-            out[f"grad_hist/{x.name}"] = x.grad_hist
-    for p in s.weights:
-        if p.grad_hist is not None:
-            out[f"weight_grad_hist/{p.name}"] = p.grad_hist
-    return out
-
-
-def custom_scalars_layout() -> dict:
-    """TensorBoard's Custom Scalars tab: each family one multi-line chart over all layers."""
-    m = lambda *tags: ["Multiline", list(tags)]  # noqa: E731
-    return {
-        "1 activations": {
-            "std": m(r"act/std/.*"),
-            "saturated %": m(r"act/saturation/.*"),
-            "mean": m(r"act/mean/.*"),
-            "dead units %": m(r"act/dead/.*"),
-        },
-        "2 gradients": {"output-gradient std": m(r"grad/std/.*"), "output-gradient mean": m(r"grad/mean/.*")},
-        "3 weight gradients": {
-            "grad:data": m(r"weight/grad_data_ratio/.*"),
-            "grad std": m(r"weight/grad_std/.*"),
-        },
-        "4 updates": {"log10(update:data), reference -3": m(r"update/log10_ratio/.*", r"update/reference")},
-        "health": {"failing checks (1 = failing)": m(r"health/.*")},
-    }

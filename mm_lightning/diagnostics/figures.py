@@ -8,6 +8,7 @@ diagnostics' worker process (worker.py).
 from __future__ import annotations
 
 import io
+import os
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -105,3 +106,29 @@ def png(fig: Figure) -> tuple[bytes, int, int]:
     fig.savefig(buffer, format="png")
     width, height = fig.canvas.get_width_height()
     return buffer.getvalue(), height, width
+
+
+def write(pngs: dict[str, tuple[bytes, int, int]], step: int, destination: tuple, writers: dict) -> list[str]:
+    """Write the figures of a step to destination: ("tensorboard", run directory), as one event of an event file
+    of their own there (writers keeps it open per directory), or ("png", directory), as files named after the
+    step and figure. Returns what was written."""
+    kind, directory = destination
+    if kind == "png":
+        os.makedirs(directory, exist_ok=True)
+        paths = []
+        for tag, (data, _, _) in pngs.items():
+            path = os.path.join(directory, f"step{step:07d}_{tag.split('/')[-1]}.png")
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)  # a reader never sees half a file
+            paths.append(path)
+        return paths
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    from .tbwrite import png_event
+
+    if directory not in writers:
+        writers[directory] = EventFileWriter(directory, filename_suffix=".figures")
+    writers[directory].add_event(png_event(pngs, step))
+    writers[directory].flush()
+    return [f"{directory} ({', '.join(pngs)})"]

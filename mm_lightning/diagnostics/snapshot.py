@@ -24,11 +24,12 @@ class LayerStats:
     mean: float
     std: float
     saturation: float | None  # fraction of values with |t| > threshold; None for unbounded activations
-    dead: float  # fraction of units saturated or constant over the whole batch
+    dead: float  # fraction of units (channels of N-D outputs) saturated or constant over the whole batch
     grad_mean: float | None = None
     grad_std: float | None = None
     hist: Histogram | None = None
     grad_hist: Histogram | None = None
+    group: str = ""  # the part of the model it lies in: std-ratio verdicts compare layers of one group and kind
 
 
 @dataclass

@@ -37,6 +37,13 @@ def is_activation(module: nn.Module) -> bool:
     return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(module, NOT_ACTIVATIONS)
 
 
+def bounds_of(module: nn.Module) -> tuple[float, float] | None:
+    """(scale, shift) mapping the module's output range to [-1, 1], or None if it is unbounded."""
+    if isinstance(module, nn.RNNBase):  # tanh cells (LSTM's and GRU's outputs stay in (-1, 1) too)
+        return None if getattr(module, "nonlinearity", "tanh") == "relu" else (1.0, 0.0)
+    return BOUNDED_ACTIVATIONS.get(type(module))
+
+
 # --------------------------------------------------------------------------------------------- captured input
 
 
@@ -47,11 +54,12 @@ class CapturedLayer:
     output: torch.Tensor
     grad: torch.Tensor | None = None
     kind: str = ""  # the module's class name
-    bounds: tuple[float, float] | None = None  # see BOUNDED_ACTIVATIONS
+    bounds: tuple[float, float] | None = None  # see bounds_of
+    group: str = ""  # the part of the model it lies in (see select.groups): ratio verdicts stay within one
 
     def __post_init__(self):
         if self.module is not None:
-            self.kind, self.bounds = type(self.module).__name__, BOUNDED_ACTIVATIONS.get(type(self.module))
+            self.kind, self.bounds = type(self.module).__name__, bounds_of(self.module)
 
 
 @dataclass
@@ -155,7 +163,7 @@ class _Layers:
         key = (tuple(idx), grads)
         if key not in self._stacks:
             ts = [(self.layers[i].grad if grads else self.layers[i].output).detach() for i in idx]
-            units = ts[0].shape[-1] if ts[0].dim() > 1 else 1
+            units = ts[0].shape[-1] if ts[0].dim() > 1 else 1  # outputs come channels last (see the callback)
             self._stacks[key] = torch.stack(ts).reshape(len(ts), -1, units)  # (layers, examples, units)
         return self._stacks[key]
 
@@ -186,7 +194,7 @@ class _Layers:
                     saturation = n_sat[j] / (m[j] + m[3 * k + j])  # over every process's values (NaN included)
                     constant = [c or s >= 1.0 for c, s in zip(constant, every[u])]
                 mean, std = _mean_std(*m[j::k])
-                out[i] = LayerStats(x.name, x.kind, mean, std, saturation, sum(constant) / units)
+                out[i] = LayerStats(x.name, x.kind, mean, std, saturation, sum(constant) / units, group=x.group)
         for idx, handle in self.hg:
             g, k = get(handle), len(idx)
             for j, i in enumerate(idx):

@@ -55,12 +55,67 @@ def add_histogram(writer, tag: str, hist: Histogram, step: int) -> None:
     )
 
 
-def add_png_images(writer, images: dict[str, tuple[bytes, int, int]], step: int) -> None:
-    """PNG images (already encoded) in one event."""
+def png_event(images: dict[str, tuple[bytes, int, int]], step: int):
+    """PNG images (already encoded) as one TensorBoard event."""
+    import time
+
+    from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     values = [
         Summary.Value(tag=tag, image=Summary.Image(height=h, width=w, colorspace=4, encoded_image_string=data))
         for tag, (data, h, w) in images.items()
     ]
-    writer._get_file_writer().add_summary(Summary(value=values), step)
+    return Event(wall_time=time.time(), step=step, summary=Summary(value=values))
+
+
+class RunFiles:
+    """Scalars of sub-runs (a run directory's subdirectories: one per layer or parameter, see outputs.py), each
+    an event file written in the calling thread (a few hundred bytes a sample: no writer thread per run).
+
+    purge_step: on a resumed run, what an earlier (killed) process logged at this step or later is dropped by
+    TensorBoard, as SummaryWriter(purge_step=...) does for the run itself."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None):
+        self.log_dir, self.purge_step = log_dir, purge_step
+        self.files: dict[str, tuple] = {}
+
+    def _writer(self, run: str):
+        if run not in self.files:
+            import os
+            import socket
+            import time
+
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+            from tensorboard.summary.writer.record_writer import RecordWriter
+
+            directory = os.path.join(self.log_dir, run)
+            os.makedirs(directory, exist_ok=True)
+            name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+            f = open(os.path.join(directory, name), "wb")  # noqa: SIM115 (closed by close())
+            writer = RecordWriter(f)
+            writer.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+            if self.purge_step:
+                start = Event(step=self.purge_step, session_log=SessionLog(status=SessionLog.START))
+                writer.write(start.SerializeToString())
+            self.files[run] = (f, writer)
+        return self.files[run][1]
+
+    def add_scalars(self, series: dict[str, dict[str, float]], step: int) -> None:
+        """{run: {tag: value}} at step: one event per run."""
+        import time
+
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        now = time.time()
+        for run, scalars in series.items():
+            values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
+            self._writer(run).write(Event(wall_time=now, step=step, summary=Summary(value=values)).SerializeToString())
+        for f, _ in self.files.values():
+            f.flush()
+
+    def close(self) -> None:
+        for f, _ in self.files.values():
+            f.close()
+        self.files = {}

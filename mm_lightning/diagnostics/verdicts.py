@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .stats import Snapshot
+from .snapshot import LayerStats, Snapshot
 
 CHECKS = (
     "nonfinite",
@@ -33,10 +33,10 @@ class HealthThresholds:
     """Largest fraction of a layer's units that are saturated or constant over the whole batch."""
     activation_std_ratio: float = 0.6
     """std of the last watched layer's output over the first's must lie in [r, 1/r]: beyond, activations shrink
-    (or grow) layer by layer."""
+    (or grow) layer by layer. Compared within one kind of layer in one part of the model only."""
     gradient_std_ratio: float = 10.0
     """std of the first watched layer's output gradient over the last's must lie in [1/r, r]: beyond, gradients
-    vanish (or explode) on their way back."""
+    vanish (or explode) on their way back. Compared within one kind of layer in one part of the model only."""
     update_ratio_low: float = -4.0
     """log10(update:data) below this for update_ratio_window samples in a row: the parameter barely learns."""
     update_ratio_high: float = -2.0
@@ -45,6 +45,17 @@ class HealthThresholds:
     """Consecutive sampled steps an update ratio must stay out of range before it is reported."""
     initial_loss_tolerance: float = 0.5
     """Largest |loss at step 0 - ln(classes)|: a bigger gap means the initial predictions are confidently wrong."""
+
+
+def _comparable(layers: list[LayerStats]) -> dict[tuple[str, str], list[LayerStats]]:
+    """Layers whose stds may be compared: one kind (Tanh with Tanh) in one part of the model (see select.groups),
+    in forward order. A GAN's generator is not compared with its discriminator, a ReLU with a Sigmoid, a reused
+    module's second call (named name#2) with its first."""
+    out: dict[tuple[str, str], list[LayerStats]] = {}
+    for x in layers:
+        if "#" not in x.name:
+            out.setdefault((x.group, x.kind), []).append(x)
+    return out
 
 
 @dataclass
@@ -110,37 +121,40 @@ def judge(
             )
         )
 
-    if len(layers) >= 2 and layers[0].std > 0:
-        r = layers[-1].std / layers[0].std
-        lo, hi = t.activation_std_ratio, 1 / t.activation_std_ratio
-        ok = lo <= r <= hi
-        trend = "shrink" if r < lo else "grow"
-        out.append(
-            Verdict(
-                "activation_std_ratio",
-                "",
-                ok,
-                f"activation std {layers[0].std:.3f} -> {layers[-1].std:.3f} from first to last layer"
-                + (
-                    "" if ok else f": activations {trend} layer by layer; the gain is too {'low' if r < lo else 'high'}"
-                ),
+    for (group, kind), same in _comparable(layers).items():  # first and last layer of one kind in one part
+        first, last = same[0], same[-1]
+        if len(same) >= 2 and first.std > 0 and math.isfinite(last.std):
+            r = last.std / first.std
+            lo, hi = t.activation_std_ratio, 1 / t.activation_std_ratio
+            ok = lo <= r <= hi
+            trend = "shrink" if r < lo else "grow"
+            out.append(
+                Verdict(
+                    "activation_std_ratio",
+                    f"{group} {kind}".strip(),
+                    ok,
+                    f"activation std {first.std:.3f} -> {last.std:.3f} from {first.name} to {last.name} ({kind})"
+                    + (
+                        ""
+                        if ok
+                        else f": activations {trend} layer by layer; the gain is too {'low' if r < lo else 'high'}"
+                    ),
+                )
             )
-        )
-
-    grads = [x for x in layers if x.grad_std is not None]
-    if len(grads) >= 2 and grads[-1].grad_std and grads[-1].grad_std > 0:
-        r = grads[0].grad_std / grads[-1].grad_std
-        ok = 1 / t.gradient_std_ratio <= r <= t.gradient_std_ratio
-        trend = "vanish" if r < 1 else "explode"
-        out.append(
-            Verdict(
-                "gradient_std_ratio",
-                "",
-                ok,
-                f"output-gradient std {grads[0].grad_std:.2e} (first layer) vs {grads[-1].grad_std:.2e} (last)"
-                + ("" if ok else f": gradients {trend} on their way back"),
+        grads = [x for x in same if x.grad_std is not None]
+        if len(grads) >= 2 and grads[-1].grad_std and grads[-1].grad_std > 0:
+            r = grads[0].grad_std / grads[-1].grad_std
+            ok = 1 / t.gradient_std_ratio <= r <= t.gradient_std_ratio
+            trend = "vanish" if r < 1 else "explode"
+            out.append(
+                Verdict(
+                    "gradient_std_ratio",
+                    f"{group} {kind}".strip(),
+                    ok,
+                    f"output-gradient std {grads[0].grad_std:.2e} ({grads[0].name}) vs {grads[-1].grad_std:.2e} "
+                    f"({grads[-1].name}, {kind})" + ("" if ok else f": gradients {trend} on their way back"),
+                )
             )
-        )
 
     history = update_history or {}
     for p in weights:

@@ -4,8 +4,10 @@ On a CPU the statistics of one sampled step are ~60 small tensor ops, ~1.4 ms of
 (about 2% of training at every 100 steps, where training uses one core of several), and a figure ~100 ms holding
 the GIL. The training process only pickles what it captured (~0.1 ms); this process, one per run, started as
 `python -c 'from <this package>.worker import serve; serve()'`, runs the same `summarize` (one thread) or draws
-the figures, and sends the result back. Results come back in the order the jobs went. It exits when its stdin
-closes, so it never outlives its trainer.
+the figures and writes them itself (into the run's TensorBoard directory as an event file of its own, or as PNG
+files), and answers. Results come back in the order the jobs went. It exits when its stdin closes, after the jobs
+already sent: so training never waits for a figure, and the last figures appear a few seconds after `fit` returns
+(`Worker.wait` waits for them), even when the training process has exited.
 
 Frames on the worker's stdin/stdout: the pickle's length, the number of out-of-band buffers and their lengths (8
 bytes each), the pickle, then the buffers (numpy arrays' bytes, written straight from their memory). Both ends
@@ -14,6 +16,7 @@ are this module, in processes this project starts; nothing from outside is ever 
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import queue
@@ -77,7 +80,8 @@ def _stats_job(step: int, loss, layers: list, params, rows, threshold: float, bi
         {
             "loss": None if loss is None else float(loss),
             "layers": [
-                (x.name, x.kind, x.bounds, x.output.numpy(), None if x.grad is None else x.grad.numpy()) for x in layers
+                (x.name, x.kind, x.bounds, x.group, x.output.numpy(), None if x.grad is None else x.grad.numpy())
+                for x in layers
             ],
             "params": None if params is None else (params.names, params.shapes, rows, params.order),
             "threshold": threshold,
@@ -87,8 +91,10 @@ def _stats_job(step: int, loss, layers: list, params, rows, threshold: float, bi
     )
 
 
-def figures_job(snapshot: Snapshot, history: dict[str, list[tuple[int, float]]]) -> tuple:
-    return ("figures", snapshot.step, (snapshot, {name: list(points) for name, points in history.items()}))
+def figures_job(snapshot: Snapshot, history: dict[str, list[tuple[int, float]]], destination: tuple) -> tuple:
+    """Draw the figures of snapshot and write them to destination (see figures.write)."""
+    history = {name: list(points) for name, points in history.items()}
+    return ("figures", snapshot.step, (snapshot, history, destination))
 
 
 def _run_stats(step: int, job: dict) -> Snapshot:
@@ -96,9 +102,11 @@ def _run_stats(step: int, job: dict) -> Snapshot:
 
     from .stats import CapturedLayer, CapturedParams, summarize
 
+    torch.set_num_threads(1)
+
     layers = [
-        CapturedLayer(name, None, torch.from_numpy(out), None if grad is None else torch.from_numpy(grad), kind, bounds)
-        for name, kind, bounds, out, grad in job["layers"]
+        CapturedLayer(name, None, torch.from_numpy(out), None if grad is None else torch.from_numpy(grad), *about)
+        for name, *about, out, grad in job["layers"]
     ]
     params = None
     if job["params"] is not None:
@@ -108,26 +116,47 @@ def _run_stats(step: int, job: dict) -> Snapshot:
     return summarize(step, loss, layers, params, job["threshold"], job["bins"], histograms=job["histograms"])
 
 
-def _run_figures(job: tuple) -> dict:
+def _run_figures(job: tuple, writers: dict) -> list[str]:
     from . import figures  # matplotlib: imported only when a figure is asked for
 
-    snapshot, history = job
-    return {tag: figures.png(fig) for tag, fig in figures.render_all(snapshot, history).items()}
+    snapshot, history, destination = job
+    return figures.write(figures.render_pngs(snapshot, history), snapshot.step, destination, writers)
 
 
-def serve(stdin=None, stdout=None) -> None:
-    """The worker: answer each job that arrives until stdin ends (closed, or the trainer died)."""
-    import torch
+def serve(stdin=None, stdout=None, nice: int = 0, warm: bool = True) -> None:
+    """The worker: answer each job that arrives until stdin ends (closed, or the trainer died); the jobs already
+    sent are all done first, whether anyone still reads the answers or not. nice: lower this process's priority
+    (a figures worker uses only CPU time training leaves idle); warm: import torch before saying ready (a
+    statistics job is then answered in milliseconds)."""
+    if nice:
+        os.nice(nice)
+    if warm:
+        import torch
 
-    torch.set_num_threads(1)  # the training process has the other cores
+        torch.set_num_threads(1)  # the training process has the other cores
     stdin, stdout = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
+    writers: dict = {}  # TensorBoard event files this process writes figures to, per directory
+    listening = _answer(stdout, ("ready", -1, None))
     while (job := _read_frame(stdin)) is not None:
         kind, step, payload = job
         try:
-            result = _run_stats(step, payload) if kind == "stats" else _run_figures(payload)
+            result = _run_stats(step, payload) if kind == "stats" else _run_figures(payload, writers)
         except Exception as e:  # a job that fails must not take training down
             result = f"{type(e).__name__}: {e}"
-        _write_frame(stdout, _pack((kind, step, result)))
+            if kind == "figures":  # said here: nobody may be reading the answers any more
+                print(f"[diagnostics] figures of step {step} failed: {result}", file=sys.stderr, flush=True)
+        listening = listening and _answer(stdout, (kind, step, result))
+    for writer in writers.values():
+        writer.close()
+
+
+def _answer(stdout, result: tuple) -> bool:
+    """Send result; False when the training process no longer reads (it has exited: the jobs still go on)."""
+    try:
+        _write_frame(stdout, _pack(result))
+        return True
+    except (BrokenPipeError, OSError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------ training side
@@ -137,7 +166,7 @@ class Worker:
     """The training side. submit() pickles the job and never blocks: a thread feeds the worker, another reads
     back."""
 
-    def __init__(self):
+    def __init__(self, nice: int = 0, warm: bool = True):
         # this package, under whatever name it has in the project it was copied into, importable from the folder
         # that holds its top-level package (the training process imported it from there)
         top = sys.modules[__package__.split(".")[0]]
@@ -145,17 +174,21 @@ class Worker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
             # -c, not -m: the package's __init__ imports this module, and runpy would warn about running it twice
-            [sys.executable, "-c", f"from {__package__}.worker import serve; serve()"],
+            [sys.executable, "-c", f"from {__package__}.worker import serve; serve(nice={nice}, warm={warm})"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
         )
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
-        self.pending = {"stats": 0, "figures": 0}
+        self.pending = {"stats": 0, "figures": 0}  # jobs sent, not yet answered
+        self.unanswered: collections.deque = collections.deque()  # (kind, the job if figures), in order
+        self.ready_event = threading.Event()  # set once the worker is up (and warm: statistics jobs are then fast)
         self._staging: dict[tuple, list] = {}  # per shape: two [array, written-out event] slots, used in turn
-        threading.Thread(target=self._feed, daemon=True).start()
-        threading.Thread(target=self._collect, daemon=True).start()
+        self._feeder = threading.Thread(target=self._feed, daemon=True)
+        self._feeder.start()
+        self._collector = threading.Thread(target=self._collect, daemon=True)
+        self._collector.start()
 
     def _feed(self) -> None:
         while (item := self.jobs.get()) is not None:
@@ -197,42 +230,55 @@ class Worker:
 
     def _collect(self) -> None:
         while (result := _read_frame(self.process.stdout)) is not None:
-            self.results.put(result)
+            if result[0] == "ready":
+                self.ready_event.set()
+            else:
+                self.results.put(result)
 
     def submit(self, job: tuple, written: threading.Event | None = None) -> None:
         """Queue a job; its arrays are written to the pipe by the feeding thread, uncopied (then `written` is set)."""
         self.jobs.put((_pack(job), written))
         self.pending[job[0]] += 1
+        self.unanswered.append((job[0], job if job[0] == "figures" else None))
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def ready(self, wait: float = 0.0) -> list[tuple[str, int, object]]:
+    def ready(self, wait: float = 0.0, kinds: tuple[str, ...] = ("stats", "figures")) -> list[tuple[str, int, object]]:
         """(kind, step, result or an error message) for every job answered so far, in order; with wait > 0, wait
-        up to that many seconds in all for the pending ones (less if the worker has died)."""
+        up to that many seconds in all until no job of these kinds is pending (less if the worker has died)."""
         out, deadline = [], time.monotonic() + wait
         while sum(self.pending.values()):
+            waiting = wait and any(self.pending[k] for k in kinds)
             try:
-                result = self.results.get(timeout=0.2) if wait else self.results.get_nowait()
+                result = self.results.get(timeout=0.2) if waiting else self.results.get_nowait()
             except queue.Empty:
-                if wait and time.monotonic() < deadline and self.alive():
+                if waiting and time.monotonic() < deadline and self.alive():
                     continue
-                if not wait or self.results.empty():  # a dead worker's last answers may still be queued
+                if not waiting or self.results.empty():  # a dead worker's last answers may still be queued
                     break
                 continue
             self.pending[result[0]] -= 1
+            self.unanswered.popleft()
             out.append(result)
         return out
 
-    def close(self, wait: float = 60.0) -> list[tuple[str, int, object]]:
-        """What is still pending (waiting up to `wait` seconds), then stop the worker."""
-        out = self.ready(wait)
+    def finish(self, timeout: float = 10.0) -> None:
+        """No more jobs: the worker does the ones already sent (figures included), then exits on its own. Returns
+        once they are all in the pipe (up to timeout seconds), without waiting for the worker."""
         self.jobs.put(None)
+        self._feeder.join(timeout)
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Wait up to timeout seconds for a finished worker to exit (its last figures written); True if it has.
+        Its answers are then all read: `unanswered` holds what it never did (it died)."""
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-        return out
+            return False
+        self._collector.join(5.0)
+        self.ready()
+        return True
 
 
 if __name__ == "__main__":
