@@ -312,21 +312,45 @@ class _DemoLM(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def short_run(steps: int, repeats: int) -> list[float]:
+def _timed_hooks(callback: L.Callback) -> dict[str, float]:
+    """Seconds spent in each of callback's hooks, filled in as they run: the cost that is the callback's own, free
+    of the drift between two fits."""
+    spent: dict[str, float] = {}
+    hooks = ("on_fit_start", "on_train_start", "on_train_batch_start", "on_before_backward", "on_train_batch_end")
+    for name in (*hooks, "on_train_end", "teardown"):  # the last two: what fit waits for at its end
+        hook = getattr(callback, name)
+
+        def timed(*args, _hook=hook, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - start
+
+        setattr(callback, name, timed)
+    return spent
+
+
+def short_run(steps: int, repeats: int) -> tuple[list[float], list[float]]:
     """Per repeat: the wall time of `Trainer.fit` of the demo Transformer for `steps` steps with
-    TrainingDiagnostics() at its defaults over the same fit without it (back to back, order alternating)."""
+    TrainingDiagnostics() at its defaults over the same fit without it (back to back, order alternating), and the
+    share of the fit's time spent inside the callback's hooks."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from mm_lightning.diagnostics import TrainingDiagnostics
+
+    shares: list[float] = []
 
     def fit(diagnostics: bool) -> float:
         torch.manual_seed(0)
         tokens = torch.randint(0, 1000, (2, steps * 8, 16))
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tokens), batch_size=8)
+        callback = TrainingDiagnostics()
+        spent = _timed_hooks(callback)
         with tempfile.TemporaryDirectory() as d:
             trainer = L.Trainer(
                 max_steps=steps,
-                callbacks=[TrainingDiagnostics()] if diagnostics else [],
+                callbacks=[callback] if diagnostics else [],
                 logger=TensorBoardLogger(d),
                 enable_progress_bar=False,
                 enable_model_summary=False,
@@ -336,7 +360,8 @@ def short_run(steps: int, repeats: int) -> list[float]:
             trainer.fit(_DemoLM(), data)
             elapsed = time.perf_counter() - start
             if diagnostics:  # the figures it draws after fit, before their directory goes
-                trainer.callbacks[0].wait()
+                callback.wait()
+                shares.append(sum(spent.values()) / elapsed)
         return elapsed
 
     ratios = []
@@ -344,8 +369,12 @@ def short_run(steps: int, repeats: int) -> list[float]:
         order = (False, True) if r % 2 == 0 else (True, False)
         times = dict((d, fit(d)) for d in order)
         ratios.append(times[True] / times[False])
-        print(f"repeat {r}: without {times[False]:.2f} s, with {times[True]:.2f} s, ratio {ratios[-1]:.3f}", flush=True)
-    return ratios
+        print(
+            f"repeat {r}: without {times[False]:.2f} s, with {times[True]:.2f} s, ratio {ratios[-1]:.3f}, "
+            f"in the callback's hooks {100 * shares[-1]:.1f}% of its fit",
+            flush=True,
+        )
+    return ratios, shares
 
 
 def _median_spread(values: list[float]) -> dict:
@@ -403,12 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         from mm_lightning.cli import _quiet_noise
 
         _quiet_noise()
-        ratios = short_run(a.short_run, a.repeats)
+        ratios, shares = short_run(a.short_run, a.repeats)
         print(
             f"demo Transformer, {a.short_run} steps, TrainingDiagnostics() at its defaults over none, "
             f"{a.repeats} repeats:"
         )
         print(f"median ratio {statistics.median(ratios):.3f}, per repeat " + ", ".join(f"{x:.3f}" for x in ratios))
+        print(f"time inside the callback's hooks: median {100 * statistics.median(shares):.1f}% of its fit")
         return 0
     if a.blocks:
         if a.steps < 4000:

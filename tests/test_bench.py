@@ -57,5 +57,7 @@ def test_bench_measures_the_callback_on_a_short_demo_fit():
         [sys.executable, "-m", "mm_lightning.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ratios = [float(x) for x in proc.stdout.split("per repeat ")[1].split(", ")]
+    ratios = [float(x) for x in proc.stdout.split("per repeat ")[1].splitlines()[0].split(", ")]
     assert len(ratios) == 2 and all(0.2 < x < 20 for x in ratios)  # measured ratios, not a placeholder
+    share = float(proc.stdout.split("time inside the callback's hooks: median ")[1].split("%")[0])
+    assert 0 < share < 100

@@ -15,14 +15,25 @@ from matplotlib.figure import Figure
 
 from .snapshot import Histogram, Snapshot
 
-SIZE = (10, 3.2)  # inches, as wide and flat as the lecture's plots
-DPI = 80
+# TensorBoard's Images tab shows an image at its card's width (~345 px) unless "Show actual image size" is
+# ticked: so a figure is drawn that wide (no downscaling), with 9-10 px text, and its legend below the plot, one
+# line per curve, the figure growing taller with the number of curves.
+WIDTH, PLOT_HEIGHT, LINE = 4.8, 2.6, 0.17  # inches: the figure's width, the plot's height, a legend line
+DPI = 72
+FONT = 9
 
 
-def _figure() -> tuple[Figure, object]:
-    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+def _figure(curves: int) -> tuple[Figure, object]:
+    fig = Figure(figsize=(WIDTH, PLOT_HEIGHT + LINE * (curves + 1)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
+    ax = fig.add_subplot()
+    ax.tick_params(labelsize=FONT)
+    return fig, ax
+
+
+def _legend(fig: Figure, ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside lower left", fontsize=FONT, frameon=False, handlelength=1.2, borderaxespad=0)
 
 
 def _density(h: Histogram) -> list[float]:
@@ -33,11 +44,11 @@ def _density(h: Histogram) -> list[float]:
 
 def _distributions(title: str, curves: list[tuple[Histogram, str]]) -> Figure:
     """One density curve per (histogram, legend label), as the lecture's distribution plots."""
-    fig, ax = _figure()
+    fig, ax = _figure(len(curves))
     for hist, label in curves:
         ax.plot(hist.centers, _density(hist), label=label)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=FONT + 1)
+    _legend(fig, ax)
     return fig
 
 
@@ -45,7 +56,7 @@ def activations(s: Snapshot) -> Figure:
     """Figure 1: distribution of each watched layer's output, with mean, std and saturation in the legend."""
     curves = []
     for x in s.layers:
-        sat = "" if x.saturation is None else f", saturated {100 * x.saturation:.2f}%"
+        sat = "" if x.saturation is None else f", sat {100 * x.saturation:.1f}%"
         curves.append((x.hist, f"{x.name} ({x.kind}): mean {x.mean:+.2f}, std {x.std:.2f}{sat}"))
     return _distributions(f"activation distribution (step {s.step})", curves)
 
@@ -66,23 +77,23 @@ def weight_gradients(s: Snapshot) -> Figure:
     for p in s.weights:
         if p.grad_hist is not None:
             shape = "x".join(map(str, p.shape))
-            ratio = "n/a" if p.grad_data_ratio is None else f"{p.grad_data_ratio:.2e}"
-            label = f"{p.name} {shape}: mean {p.grad_mean:+.2e}, std {p.grad_std:.2e}, grad:data {ratio}"
+            ratio = "n/a" if p.grad_data_ratio is None else f"{p.grad_data_ratio:.1e}"
+            label = f"{p.name} {shape}: std {p.grad_std:.1e}, grad:data {ratio}"
             curves.append((p.grad_hist, label))
     return _distributions(f"weight gradient distribution (step {s.step})", curves)
 
 
 def update_ratios(history: dict[str, list[tuple[int, float]]], step: int) -> Figure:
     """Figure 4: log10(update:data) of each weight over time, against the lecture's 1e-3 line."""
-    fig, ax = _figure()
-    for name, points in history.items():
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
-    ax.axhline(-3, color="k", linestyle="--", linewidth=1, label="1e-3")
-    ax.set_xlabel("step")
-    ax.set_ylabel("log10(update:data)")
-    ax.set_title(f"update:data ratio over time (to step {step})")
-    ax.legend(fontsize=7)
+    drawn = {name: points for name, points in history.items() if points}
+    fig, ax = _figure(len(drawn) + 1)
+    for name, points in drawn.items():  # markers: at step 0 each line is a single point
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="o", markersize=2.5)
+    ax.axhline(-3, color="k", linestyle="--", linewidth=1, label="1e-3 (the lecture's guide)")
+    ax.set_xlabel("step", fontsize=FONT)
+    ax.set_ylabel("log10(update:data)", fontsize=FONT)
+    ax.set_title(f"update:data ratio over time (to step {step})", fontsize=FONT + 1)
+    _legend(fig, ax)
     return fig
 
 

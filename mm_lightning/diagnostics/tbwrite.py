@@ -79,6 +79,7 @@ class RunFiles:
     def __init__(self, log_dir: str, purge_step: int | None = None):
         self.log_dir, self.purge_step = log_dir, purge_step
         self.files: dict[str, tuple] = {}
+        self._flushed = 0.0
 
     def _writer(self, run: str):
         if run not in self.files:
@@ -112,8 +113,10 @@ class RunFiles:
         for run, scalars in series.items():
             values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
             self._writer(run).write(Event(wall_time=now, step=step, summary=Summary(value=values)).SerializeToString())
-        for f, _ in self.files.values():
-            f.flush()
+        if now - self._flushed > 2.0:  # to disk every 2 s at most (a write per file): TensorBoard reloads every 5 s
+            self._flushed = now
+            for f, _ in self.files.values():
+                f.flush()
 
     def close(self) -> None:
         for f, _ in self.files.values():
