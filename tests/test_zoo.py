@@ -431,3 +431,61 @@ def test_no_logger_says_nothing_is_recorded(capsys):
     trainer.fit(BuiltLate(), classification())
     assert "no logger (logger=False): nothing is recorded" in capsys.readouterr().err
     assert diag.last_snapshot.step == 0 and diag.wait(5)
+
+
+# ----------------------------------------------------------------------------------------------- under DDP
+
+
+class SaveRank(L.Callback):
+    """Each rank's step-0 output of features.2 and the gradient with respect to it, and rank 0's snapshot."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0 and not hasattr(self, "out"):
+            module = pl_module.get_submodule("features.2")
+            self.handle = module.register_forward_hook(self._forward)
+
+    def _forward(self, module, inputs, output):
+        self.handle.remove()
+        self.out = output.detach().double().clone()
+
+        def keep(g: torch.Tensor) -> None:
+            self.grad = g.detach().double().clone()
+
+        output.register_hook(keep)
+
+    def on_train_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        diag = next(c for c in trainer.callbacks if isinstance(c, FirstSnapshot))
+        torch.save({"out": self.out, "grad": self.grad, "snapshot": diag.first_snapshot}, f"{self.path}/{rank}.pt")
+
+
+@pytest.mark.slow
+def test_cnn_under_two_process_ddp_describes_the_global_batch(tmp_path):
+    """2-process CPU DDP: the diagnostics on rank 0 describe both ranks' halves of the batch together."""
+    torch.manual_seed(0)
+    data = loader(torch.randn(64, 1, 6, 6), torch.randint(0, 10, (64,)))
+    diag = FirstSnapshot(every_n_steps=1, histograms_every_n_steps=0, figures_every_n_steps=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        callbacks=[SaveRank(str(tmp_path)), diag],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(CNN(), data)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in (0, 1)]
+    out = torch.cat([r["out"] for r in ranks])  # the global batch: each rank's half
+    grad = torch.cat([r["grad"] for r in ranks])
+    x = ranks[0]["snapshot"].layers[0]
+    assert ranks[1]["snapshot"].layers[0] == x  # every rank holds the same (all-reduced) numbers
+    assert x.mean == pytest.approx(out.mean().item(), rel=1e-5, abs=1e-7)
+    assert x.std == pytest.approx(out.std().item(), rel=1e-5)
+    assert x.dead == pytest.approx(dead_fraction(out, 1, False)) == 3 / 8
+    assert x.grad_std == pytest.approx(grad.std().item(), rel=1e-4)
