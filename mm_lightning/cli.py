@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from mm_lightning import preflight
 from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NamesDataModule, download_names
 from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
 from mm_lightning.errors import UsageError
@@ -46,6 +48,7 @@ from mm_lightning.runs import (
     SafeCheckpointIO,
     StopOnSignal,
     claim_version,
+    discard_empty_claims,
     find_last,
     load_checkpoint,
     lock_run,
@@ -124,6 +127,7 @@ class MakemoreCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        preflight.check_seed((self.config[subcommand] if subcommand else self.config).get("seed_everything"))
         if subcommand is not None and self.config[subcommand].get("weights_only") is False:
             raise UsageError("--weights_only false is refused: checkpoints are only loaded with weights_only=True")
         if subcommand is None or not self.config[subcommand].get("ckpt_path"):
@@ -213,7 +217,10 @@ class MakemoreCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _run_logger(self, root_dir) -> TensorBoardLogger | bool:
-        """TensorBoard in the run's directory: a freshly claimed one, or the resumed run's own."""
+        """TensorBoard in the run's directory: a freshly claimed one, or the resumed run's own (predict logs
+        nothing: it would only leave an empty event file there)."""
+        if self.subcommand == "predict":
+            return False
         runs = runs_dir(root_dir)
         extra = {}
         if self.resume is not None and self.resume.version is not None:
@@ -272,6 +279,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see `python -m mm_lightning.cli {self.prog.split()[-1]} --help`")
 
 
+SAMPLE_CHUNK = 10_000  # names generated at once by `sample`
+
+
 def sample_command(args: list[str]) -> None:
     parser = _Parser(prog="mm_lightning.cli sample", description="Print names sampled from a checkpoint.")
     parser.add_argument("--ckpt_path", default="last", help="a .ckpt file, or 'last': the newest run's last.ckpt")
@@ -292,8 +302,10 @@ def sample_command(args: list[str]) -> None:
         net.load_state_dict(state)
     except RuntimeError as e:
         raise UsageError(f"{path}: weights do not match its own hyperparameters ({str(e).splitlines()[0]})") from None
-    for name in generate(net, a.num_samples, a.temperature, torch.Generator().manual_seed(a.seed)):
-        print(name)
+    generator = torch.Generator().manual_seed(a.seed)
+    for start in range(0, a.num_samples, SAMPLE_CHUNK):  # in chunks: memory stays flat however many are asked
+        for name in generate(net, min(SAMPLE_CHUNK, a.num_samples - start), a.temperature, generator):
+            print(name)
 
 
 def download_command(args: list[str]) -> None:
@@ -340,6 +352,8 @@ def diagnose_command(args: list[str]) -> int:
         return 0
     args = list(args)
     steps_text, figures_dir = _pop_option(args, "--steps"), _pop_option(args, "--save_figures")
+    if figures_dir and Path(figures_dir).exists() and not Path(figures_dir).is_dir():
+        raise UsageError(f"--save_figures {figures_dir} is a file; give a directory (it is created if missing)")
     try:
         steps = int(steps_text or 0)
     except ValueError:
@@ -429,7 +443,20 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    status = None
     try:
+        status = _command(argv, debug)
+        return status
+    finally:
+        if status != 0:
+            discard_empty_claims()  # a command that failed before logging anything leaves no empty version_N
+        unlock_runs()
+
+
+def _command(argv: list[str], debug: bool) -> int:
+    """Run the command; bad input, and resource errors, as one line and exit status 2."""
+    try:
+        preflight.check_config_files(argv)
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:]) or 0
         interrupted = MakemoreCLI(argv).stop_on_signal
@@ -457,8 +484,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 1
-    finally:
-        unlock_runs()
+    except BrokenPipeError:  # `sample ... | head`: the reader has gone; stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE
+    except Exception as e:  # memory, disk, permissions: one line naming what to change; anything else: a bug
+        message = None if debug else preflight.resource_error(e, argv[0])
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

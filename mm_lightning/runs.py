@@ -33,6 +33,9 @@ def runs_dir(root_dir: str | os.PathLike | None) -> Path:
     return Path(root_dir or ".") / RUNS_DIRNAME
 
 
+_CLAIMED: list[Path] = []  # run directories this process created (see discard_empty_claims)
+
+
 def claim_version(runs: Path) -> int:
     """Create runs/version_N for the smallest free N above all existing ones, atomically."""
     runs.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,7 @@ def claim_version(runs: Path) -> int:
     while True:
         try:
             (runs / f"version_{n}").mkdir()
+            _CLAIMED.append(runs / f"version_{n}")
             return n
         except FileExistsError:  # another run claimed it between our listing and mkdir
             n += 1
@@ -72,6 +76,27 @@ def lock_run(run_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _LOCKS[run_dir.resolve()] = fd
+
+
+def discard_empty_claims() -> list[Path]:
+    """Remove the run directories this process created that hold nothing yet: no checkpoint, and event files with
+    no logged value (a command that failed before training, e.g. a bad --optimizer argument or a batch that does
+    not fit in memory, would leave an empty version_N behind). Returns what was removed."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    removed = []
+    for run in _CLAIMED:
+        if not run.is_dir() or any(run.rglob("*.ckpt")):
+            continue
+        events = list(run.rglob("events.out.tfevents.*"))
+        if any(event.summary.value for path in events for event in EventFileLoader(str(path)).Load()):
+            continue
+        shutil.rmtree(run, ignore_errors=True)
+        removed.append(run)
+    _CLAIMED.clear()
+    return removed
 
 
 def unlock_runs() -> None:
@@ -134,6 +159,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise UsageError(
             f"{path} is not an mm_lightning checkpoint (no model hyperparameters); pass one written by fit"
         )
+    from mm_lightning.preflight import check_checkpoint  # (it imports the module, which imports this file)
+
+    check_checkpoint(checkpoint, path)
     return checkpoint
 
 
@@ -171,6 +199,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a part
+        except OSError as e:  # a full disk, say: the old file stays, and the error names the checkpoint
+            Path(tmp).unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

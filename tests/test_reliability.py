@@ -512,3 +512,141 @@ def test_one_run_has_one_writer(project, monkeypatch):
         first.kill()
         first.wait()
     assert _fit("runs", 150, "--ckpt_path", "last", "--data.steps_per_epoch", "50") == 0  # the lock went with it
+
+
+# ----------------------------------------------------------------- item 5 and 7: one line instead of a traceback
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"\xff\xfe trainer: [\n", "--config bad.yaml is not UTF-8 text (byte 0xff at position 0); save it as UTF-8"),
+        (b"", "--config bad.yaml is empty: it holds no settings"),
+        (b"# only a comment\n", "--config bad.yaml is empty: it holds no settings"),
+        (b"trainer:\n  max_steps: [\n", "--config bad.yaml is not valid YAML at line 3, column 1"),
+        (b"- a\n- b\n", "--config bad.yaml must be a mapping of settings"),
+    ],
+    ids=["not-utf8", "empty", "comment-only", "yaml-error", "a-list"],
+)
+def test_bad_config_files(trained, capsys, content, expected):
+    _write(trained, "bad.yaml", content)
+    for command in ("fit", "validate", "diagnose"):
+        _fails(capsys, [command, "--config", "bad.yaml", "--trainer.default_root_dir", "fresh"], expected)
+    assert not (trained / "fresh").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999", "4294967296"])
+def test_a_seed_numpy_cannot_take(trained, capsys, seed):
+    expected = f"--seed_everything must be a whole number from 0 to 4294967295, got {seed}"
+    _fails(capsys, ["fit", "--seed_everything", seed, "--trainer.default_root_dir", "fresh", *FAST], expected)
+    assert not (trained / "fresh").exists()
+
+
+def test_a_model_too_big_for_memory_is_one_line_before_any_run_directory(trained, capsys):
+    args = ["fit", "--model.net.n_hidden", "1000000", "--trainer.default_root_dir", "fresh"]
+    _fails(capsys, args, "out of memory (asked for 3.6 TiB): lower --data.batch_size, --model.net.n_hidden")
+    assert not (trained / "fresh").exists()
+
+
+def test_sample_streams_any_number_of_names(trained, capsys, monkeypatch):
+    import mm_lightning.cli as cli
+
+    monkeypatch.setattr(cli, "SAMPLE_CHUNK", 7)  # many chunks of a few names: memory stays flat
+    assert main(["sample", "--root_dir", "runs", "--num_samples", "30"]) == 0
+    chunked = capsys.readouterr().out.split()
+    monkeypatch.setattr(cli, "SAMPLE_CHUNK", 10_000)
+    assert main(["sample", "--root_dir", "runs", "--num_samples", "7"]) == 0
+    assert len(chunked) == 30 and chunked[:7] == capsys.readouterr().out.split()  # the first chunk as one batch
+
+
+def test_sample_into_a_closed_pipe_stops_quietly(trained):
+    script = "import sys; from mm_lightning.cli import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", script, "sample", "--root_dir", "runs", "--num_samples", "50000"]
+    proc = subprocess.Popen(cmd, cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    assert proc.wait(timeout=120) == 141 and b"Traceback" not in proc.stderr.read()
+
+
+def test_diagnose_refuses_a_file_as_its_figures_directory_before_any_work(trained, capsys):
+    (trained / "taken").write_text("mine")
+    _fails(capsys, ["diagnose", "--save_figures", "taken"], "--save_figures taken is a file; give a directory")
+    assert (trained / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda c: c["hyper_parameters"].update(extra=1), "hyperparameter extra is not one this project's model takes"),
+        (lambda c: c["hyper_parameters"]["net"].update(depth=3), "hyperparameter net.depth is not one"),
+        (lambda c: c.update(global_step=1.5), "global_step is 1.5, not a step count: the checkpoint is damaged"),
+        (lambda c: c.update(global_step="100"), "global_step is '100', not a step count"),
+        (
+            lambda c: c["hyper_parameters"]["net"].update(n_hidden=10**7),
+            "its weights do not match its own hyperparameters",
+        ),
+    ],
+    ids=["extra-key", "extra-net-key", "float-step", "string-step", "absurd-size"],
+)
+def test_a_damaged_checkpoint_is_refused_in_one_line(trained, capsys, damage, expected):
+    checkpoint = torch.load(next((trained / "runs").rglob("last.ckpt")), weights_only=True)
+    damage(checkpoint)
+    torch.save(checkpoint, trained / "damaged.ckpt")
+    _fails(capsys, ["sample", "--ckpt_path", "damaged.ckpt"], expected)
+    _fails(capsys, ["fit", "--ckpt_path", "damaged.ckpt", "--trainer.default_root_dir", "fresh"], expected)
+    assert not (trained / "fresh").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_earlier_checkpoint_survives(project, capsys, monkeypatch):
+    import errno
+
+    monkeypatch.chdir(project)
+    assert _fit("runs", 100, "--data.steps_per_epoch", "100") == 0
+    trained = project
+
+    real = os.fsync
+
+    def full(fd):  # the checkpoint's bytes reach the disk at fsync: there the disk turns out full
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".last.ckpt."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    before = torch.load(next((trained / "runs").rglob("last.ckpt")), weights_only=True)["global_step"]
+    monkeypatch.setattr(os, "fsync", full)
+    args = ["fit", "--ckpt_path", "last", "--trainer.max_steps", "200", "--trainer.default_root_dir", "runs"]
+    assert main([*args, *FAST, "--data.steps_per_epoch", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: disk full writing runs/lightning_logs/version_0/checkpoints/last.ckpt"), err
+    assert "checkpoints already written are intact" in err
+    monkeypatch.undo()
+    last = next((trained / "runs").rglob("last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == before  # the earlier checkpoint, whole
+
+
+def test_an_unwritable_directory_is_one_line(project, capsys, monkeypatch):
+    """(As root, permissions do not stop writes: the refusal is simulated where the run directory is made.)"""
+    import errno
+
+    import mm_lightning.runs as runs
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(runs.Path, "mkdir", refused)
+    _fails(capsys, ["fit", "--trainer.default_root_dir", "/srv/ro", *FAST], "cannot write /srv/ro/lightning_logs")
+
+
+def test_predict_leaves_no_event_file_in_the_run(trained, capsys):
+    run = next((trained / "runs").glob("lightning_logs/version_0"))
+    before = sorted(p.name for p in run.glob("events.out.tfevents.*"))
+    assert (
+        main(["predict", "--ckpt_path", "last", "--trainer.default_root_dir", "runs", "--data.num_samples", "3"]) == 0
+    )
+    assert sorted(p.name for p in run.glob("events.out.tfevents.*")) == before
+
+
+def test_a_command_that_fails_before_logging_leaves_no_empty_run_directory(trained, capsys):
+    args = ["fit", "--data.batch_size", "300000000", "--trainer.default_root_dir", "runs", *FAST]
+    _fails(capsys, args, "out of memory (asked for 223.5 GiB): lower --data.batch_size")
+    assert sorted(p.name for p in (trained / "runs" / "lightning_logs").iterdir()) == ["version_0"]  # no version_1

@@ -489,3 +489,76 @@ def test_cnn_under_two_process_ddp_describes_the_global_batch(tmp_path):
     assert x.std == pytest.approx(out.std().item(), rel=1e-5)
     assert x.dead == pytest.approx(dead_fraction(out, 1, False)) == 3 / 8
     assert x.grad_std == pytest.approx(grad.std().item(), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------- found by trying it as a user
+
+
+class Shrinking(L.LightningModule):
+    """Four Tanh layers whose weights shrink the signal layer by layer: flat attributes, or one Sequential."""
+
+    def __init__(self, flat: bool):
+        super().__init__()
+        layers = []
+        for _ in range(4):
+            linear = nn.Linear(16, 16)
+            nn.init.normal_(linear.weight, std=0.3 / 4)
+            layers += [linear, nn.Tanh()]
+        if flat:
+            for i, layer in enumerate(layers):
+                setattr(self, f"l{i}", layer)
+            self.order = [f"l{i}" for i in range(len(layers))]
+        else:
+            self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if hasattr(self, "net"):
+            return self.net(x)
+        for name in self.order:
+            x = getattr(self, name)(x)
+        return x
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x)[:, :4], y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat-attributes", "one-sequential"])
+def test_ratio_verdicts_run_on_flat_and_single_sequential_models(flat):
+    torch.manual_seed(0)
+    data = loader(torch.randn(64, 16) * 3, torch.randint(0, 4, (64,)))
+    diag, _ = fit(Shrinking(flat), data, [], max_steps=1)
+    ratio = [v for v in diag.last_verdicts if v.check == "activation_std_ratio"]
+    assert len(ratio) == 1 and not ratio[0].ok and "shrink" in ratio[0].message, diag.last_verdicts
+
+
+def test_unlike_layers_of_a_block_are_not_compared():
+    """linear1 (to the feed-forward width) and linear2 (back to the model width) of transformer blocks: each is
+    compared with its own kind across blocks, never with the other."""
+    torch.manual_seed(0)
+    data = loader(torch.randint(0, 50, (64, 10)), torch.randint(0, 50, (64, 10)))
+    diag, _ = fit(DemoTransformer(), data, [], max_steps=1, diag_kwargs={"layers": ["*encoder.layers.?.linear?"]})
+    assert len(diag.watched) == 4
+    subjects = {v.subject for v in diag.last_verdicts if v.check == "activation_std_ratio"}
+    assert subjects == {"model.transformer Linear linear1", "model.transformer Linear linear2"}
+
+
+def test_a_watched_module_never_called_is_said_once(capsys):
+    """MultiheadAttention uses its out_proj's weights directly: the module is never called."""
+    torch.manual_seed(0)
+    data = loader(torch.randint(0, 50, (64, 10)), torch.randint(0, 50, (64, 10)))
+    fit(DemoTransformer(), data, [], max_steps=3, diag_kwargs={"layers": ["*.self_attn.out_proj"]})
+    err = capsys.readouterr().err
+    line = (
+        "model.transformer.encoder.layers.0.self_attn.out_proj is watched but not measured (in full): it was not called"
+    )
+    assert err.count(line) == 1, err
+
+
+def test_accumulation_measures_the_first_micro_batch_only():
+    diag, truth = fit(FunctionalMLP(), classification(), ["fc1", "fc2"], accumulate_grad_batches=3)
+    assert [x.name for x in diag.first_snapshot.layers] == ["fc1", "fc2", "fc3"]  # no fc1#2 from micro-batch 2
+    check_against_truth(diag, truth, {})

@@ -155,6 +155,7 @@ class TrainingDiagnostics(Callback):
         self._before: dict[int, torch.Tensor] = {}  # per optimizer: its rows, once the parameters are saved
         self._buffers: dict[int, tuple] = {}  # per optimizer: (3, n) before / change / gradient, names, shapes
         self._stepped_optimizers: set[int] = set()
+        self._later_micro_batch = False  # accumulating gradients: a later micro-batch of the sampled step
         self._loss: torch.Tensor | None = None
         self._grad_scale = 1.0  # the GradScaler's scale in this step's backward (16-mixed): output grads / it
         # results
@@ -225,9 +226,11 @@ class TrainingDiagnostics(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
+        if self._sampling is not None:  # accumulating: this sample's first micro-batch is the one measured
+            self._later_micro_batch = True
         if not self.every_n_steps or step % self.every_n_steps or self._sampling is not None:
             return
-        self._sampling, self._loss, self._grad_scale = step, None, 1.0
+        self._sampling, self._loss, self._grad_scale, self._later_micro_batch = step, None, 1.0, False
         self._layers, self._params, self._before, self._calls = [], [], {}, {}
         self._stepped_optimizers = set()
         for w in self.watched:
@@ -241,8 +244,8 @@ class TrainingDiagnostics(Callback):
         return bool(self._running) and len(self._stepped_optimizers) >= len(self._running[0].optimizers)
 
     def _on_forward(self, w: Watched, module, inputs, output) -> None:
-        if self._stepped:
-            return  # after the update: another step's forward (manual optimization)
+        if self._stepped or self._later_micro_batch:
+            return  # after the update (manual optimization), or another micro-batch of the same step
         tensor = output[0] if isinstance(output, (tuple, list)) and output else output  # RNNs: (output, state)
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             self._unmeasured.setdefault(w.name, f"its output is a {type(output).__name__}, not a float tensor")
@@ -335,12 +338,20 @@ class TrainingDiagnostics(Callback):
                 f"step {step}: the optimizer step was skipped (the gradient scaler found inf/NaN gradients at "
                 f"scale {self._grad_scale:g}): its loss and activations are recorded, not its gradients or update"
             )
+        for w in self.watched:
+            if w.name not in self._calls and w.name not in self._unmeasured:
+                self._unmeasured[w.name] = (
+                    "it was not called in the sampled step (its parent may use its weights directly, as "
+                    "MultiheadAttention does with out_proj)"
+                )
         if self._unmeasured and trainer.is_global_zero:
             for name, why in self._unmeasured.items():
                 if ("unmeasured", name) not in self.warned:
                     self.warned.add(("unmeasured", name))
-                    _say(f"{name} is watched but not measured in full: {why}")
-        histograms = bool(self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0)
+                    _say(f"{name} is watched but not measured (in full): {why}")
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        last = step + self.every_n_steps >= total  # the run's last sample: its histograms make the end's figures
+        histograms = bool(self.histograms_every_n_steps and (step % self.histograms_every_n_steps == 0 or last))
         worker = self._worker_for(trainer, params)
         if worker is not None:
             worker.submit_stats(

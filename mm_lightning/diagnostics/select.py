@@ -55,15 +55,18 @@ def _blocks(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]
 def default_layers(root: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
     """The default's choice and, in words, which rule chose it."""
     modules = [(n, m) for n, m in root.named_modules() if n]
-    activations = [(n, m) for n, m in modules if is_activation(m) or isinstance(m, nn.RNNBase)]
-    if any(is_activation(m) for _, m in activations):
-        return activations, "activation modules"
-    fallback, rule = _blocks(modules), "the outputs of its repeated blocks (it has no activation module)"
+    recurrent = [(n, m) for n, m in modules if isinstance(m, nn.RNNBase)]
+    also = " and its recurrent layers" if recurrent else ""
+    if any(is_activation(m) for _, m in modules):
+        return [
+            (n, m) for n, m in modules if is_activation(m) or isinstance(m, nn.RNNBase)
+        ], f"activation modules{also}"
+    fallback, rule = _blocks(modules), "the outputs of its repeated blocks"
     if not fallback:
         fallback = [(n, m) for n, m in modules if isinstance(m, (nn.Linear, _ConvNd))]
-        rule = "the outputs of its Linear/Conv layers, before their activation (it has no activation module)"
-    keep = {n for n, _ in activations} | {n for n, _ in fallback}  # recurrent layers, and the fallback
-    return [(n, m) for n, m in modules if n in keep], rule
+        rule = "the outputs of its Linear/Conv layers, before their activation"
+    keep = {n for n, _ in recurrent} | {n for n, _ in fallback}
+    return [(n, m) for n, m in modules if n in keep], f"{rule}{also}: it has no activation module"
 
 
 def chosen_layers(root: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
@@ -76,8 +79,9 @@ def chosen_layers(root: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Mo
 
 def groups(root: nn.Module, names: list[str]) -> dict[str, str]:
     """Each watched layer's part of the model: the child it lies in, at the first level below the root (skipping
-    wrappers with a single child, as `self.net = ...`) where the model splits. Ratio verdicts compare layers of one
-    part and one kind only (a GAN's generator is not compared with its discriminator)."""
+    wrappers with a single child, as `self.net = ...`) where the model splits; layers that are themselves children
+    at that level (a flat model, a Sequential's elements) belong to the level's container. Ratio verdicts compare
+    layers of one part only (a GAN's generator is not compared with its discriminator)."""
     prefix, module = "", root
     while True:
         children = list(module.named_children())
@@ -87,7 +91,7 @@ def groups(root: nn.Module, names: list[str]) -> dict[str, str]:
     out = {}
     for name in names:
         rest = name[len(prefix) :] if name.startswith(prefix) else name
-        out[name] = prefix + rest.split(".")[0]
+        out[name] = prefix + rest.split(".")[0] if "." in rest else prefix.rstrip(".")
     return out
 
 

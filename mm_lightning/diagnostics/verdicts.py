@@ -48,13 +48,16 @@ class HealthThresholds:
 
 
 def _comparable(layers: list[LayerStats]) -> dict[tuple[str, str], list[LayerStats]]:
-    """Layers whose stds may be compared: one kind (Tanh with Tanh) in one part of the model (see select.groups),
-    in forward order. A GAN's generator is not compared with its discriminator, a ReLU with a Sigmoid, a reused
-    module's second call (named name#2) with its first."""
+    """Layers whose stds may be compared: one kind (Tanh with Tanh) in one role (a block's linear1 with the next
+    block's linear1, not with its linear2; the role is the module's attribute name, unless it is an index) in one
+    part of the model (see select.groups), in forward order. A GAN's generator is not compared with its
+    discriminator, a ReLU with a Sigmoid, a reused module's second call (named name#2) with its first."""
     out: dict[tuple[str, str], list[LayerStats]] = {}
     for x in layers:
         if "#" not in x.name:
-            out.setdefault((x.group, x.kind), []).append(x)
+            last = x.name.rsplit(".", 1)[-1]
+            role = "" if last.isdigit() or "." not in x.name else f" {last}"
+            out.setdefault((x.group, x.kind + role), []).append(x)
     return out
 
 

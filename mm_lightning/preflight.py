@@ -1,0 +1,139 @@
+"""Checks before any work, and resource errors in one line: a bad input names the setting and the fix.
+
+- config files: present, UTF-8, valid YAML, a non-empty mapping (jsonargparse would say "<unicode string>" or
+  "Unexpected config:" with nothing after it, or raise UnicodeDecodeError);
+- a seed numpy accepts (0 .. 2**32 - 1);
+- a checkpoint's contents: hyperparameters this project's model takes, a whole global_step, weights whose shapes
+  are what its hyperparameters build (checked on the meta device: nothing is allocated before it is known to fit);
+- memory, disk and permission errors as one line naming what to change (see `resource_error`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import inspect
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from mm_lightning.errors import UsageError
+from mm_lightning.model import MLP, MLPConfig
+
+MAX_SEED = 2**32 - 1  # numpy's bound, which Lightning's seed_everything passes the seed to
+
+
+def config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_config_files(argv: list[str]) -> None:
+    for path in config_paths(argv):
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"--config {path}: no such file")
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(
+                f"--config {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start}); save it as UTF-8"
+            ) from None
+        try:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UsageError(f"--config {path} is not valid YAML{where}: {problem}") from None
+        if content is None:
+            raise UsageError(f"--config {path} is empty: it holds no settings; fill it (see configs/) or drop --config")
+        if not isinstance(content, dict):
+            raise UsageError(
+                f"--config {path} must be a mapping of settings (trainer:, model:, data:, ...), "
+                f"not a {type(content).__name__}"
+            )
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or seed is None:
+        return  # True: a random seed; False/None: none
+    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise UsageError(f"--seed_everything must be a whole number from 0 to {MAX_SEED}, got {seed}")
+
+
+def check_checkpoint(checkpoint: dict, path) -> None:
+    """A checkpoint fit wrote: known hyperparameters, a whole global_step, weights of the shapes they build."""
+    from mm_lightning.module import MakemoreModule
+
+    hparams = checkpoint["hyper_parameters"]
+    module_args = set(inspect.signature(MakemoreModule).parameters)
+    net_fields = {f.name for f in dataclasses.fields(MLPConfig)}
+    unknown = [k for k in hparams if k not in module_args] + [f"net.{k}" for k in hparams["net"] if k not in net_fields]
+    if unknown:
+        raise UsageError(
+            f"{path}: hyperparameter {unknown[0]} is not one this project's model takes (written by another "
+            "version, or edited); use a checkpoint written by this version's fit"
+        )
+    step = checkpoint.get("global_step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UsageError(f"{path}: global_step is {step!r}, not a step count: the checkpoint is damaged")
+    try:
+        with torch.device("meta"):  # shapes only: a claimed size that would not fit allocates nothing here
+            expected = {k: tuple(v.shape) for k, v in MLP(MLPConfig(**hparams["net"])).state_dict().items()}
+    except (TypeError, ValueError, UsageError) as e:
+        raise UsageError(f"{path}: its model hyperparameters are not valid ({' '.join(str(e).split())})") from None
+    stored = {
+        k.removeprefix("net."): tuple(v.shape) for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
+    }
+    if stored != expected:
+        wrong = sorted(set(stored) ^ set(expected)) or [k for k in expected if stored[k] != expected[k]]
+        raise UsageError(
+            f"{path}: its weights do not match its own hyperparameters (first: net.{wrong[0]}); the checkpoint is "
+            "damaged or was edited"
+        )
+
+
+_OOM = re.compile(r"(can't allocate memory|out of memory|Cannot allocate memory)", re.IGNORECASE)
+
+
+def resource_error(error: BaseException, command: str) -> str | None:
+    """A one-line message for memory, disk and permission errors, naming what to change; None for other errors."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and _OOM.search(str(error))
+    ):
+        size = re.search(r"allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", str(error))
+        asked = f" (asked for {_human(size.group(1))})" if size else ""
+        what = (
+            "--num_samples" if command == "sample" else "--data.batch_size, --model.net.n_hidden, --model.net.n_layers"
+        )
+        return f"out of memory{asked}: lower {what}"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"disk full writing {error.filename or 'a file'}: free some space; checkpoints already written are "
+            "intact (a run continues with `fit --ckpt_path last`)"
+        )
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"cannot write {error.filename or 'a file'} ({error.strerror}); choose a writable directory "
+            "(--trainer.default_root_dir, --root_dir, --save_figures) or fix its permissions"
+        )
+    return None
+
+
+def _human(size: str) -> str:
+    if size.endswith(" bytes"):
+        n = int(size.split()[0])
+        for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+            if n < 1024 or unit == "PiB":
+                return f"{n:.1f} {unit}" if unit != "bytes" else f"{n} bytes"
+            n /= 1024
+    return size
