@@ -7,6 +7,7 @@ per-repeat ratios is reported, with the median steps/s.
 Run: python -m mm_lightning.bench [--steps 10000] [--repeats 5] [--device cpu|cuda] [--sizes small,wide]
      python -m mm_lightning.bench --blocks 4 --steps 20000   # the diagnostics' cost inside runs, free of drift
      python -m mm_lightning.bench --short_run 300 --repeats 5  # the default callback on a short demo fit
+     python -m mm_lightning.bench --fold --repeats 5            # E02: eval with BatchNorm folded vs not
 
 Rows:
 - lecture loop: makemore part 3's loop (torch.randint minibatch, forward, p.grad = None, backward,
@@ -377,6 +378,43 @@ def short_run(steps: int, repeats: int) -> tuple[list[float], list[float]]:
     return ratios, shares
 
 
+def fold_speedup(data_path: str, repeats: int, device: str) -> list[float]:
+    """Per repeat: examples/s of the lecture's deep network in eval mode over the whole val split with every
+    BatchNorm folded into its Linear (mm_lightning.fold), over the same network unfolded (order alternating)."""
+    from mm_lightning.fold import fold_batchnorm
+
+    data = NamesDataModule(path=data_path)
+    data.setup()
+    x, y = (t.to(device) for t in data.splits["val"])
+    torch.manual_seed(0)
+    net = MLP(MLPConfig(vocab=data.vocab)).eval()
+    for m in net.modules():  # running statistics as a trained network has them
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    nets = {"batchnorm": net.to(device), "folded": fold_batchnorm(net.cpu()).to(device)}
+    net.to(device)
+
+    @torch.no_grad()
+    def speed(model) -> float:
+        times = []
+        for _ in range(6):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            F.cross_entropy(model(x), y).item()
+            times.append(time.perf_counter() - start)
+        return len(y) / statistics.median(times[1:])
+
+    ratios = []
+    for r in range(repeats):
+        order = ("batchnorm", "folded") if r % 2 == 0 else ("folded", "batchnorm")
+        got = {name: speed(nets[name]) for name in order}
+        ratios.append(got["folded"] / got["batchnorm"])
+        print(f"repeat {r}: batchnorm {got['batchnorm']:,.0f}/s, folded {got['folded']:,.0f}/s, x{ratios[-1]:.2f}")
+    return ratios
+
+
 def _median_spread(values: list[float]) -> dict:
     """The median of per-repeat values and their spread (max - min), in the row's units."""
     return {"ratio": statistics.median(values), "spread": max(values) - min(values), "per_repeat": values}
@@ -427,7 +465,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="STEPS",
         help="instead: the default diagnostics' cost on a fit of Lightning's demo Transformer of STEPS steps",
     )
+    p.add_argument("--fold", action="store_true", help="instead: eval speed of E02's folded BatchNorm network")
     a = p.parse_args(argv)
+    if a.fold:
+        ratios = fold_speedup(a.data_path, a.repeats, a.device)
+        print(
+            f"E02, whole val split, eval mode, {a.device}: "
+            f"folded over unfolded, median x{statistics.median(ratios):.2f}"
+        )
+        return 0
     if a.short_run:
         from mm_lightning.cli import _quiet_noise
 

@@ -400,7 +400,18 @@ def diagnose_command(args: list[str]) -> int:
     return 1 if any(not v.ok for v in verdicts) else 0
 
 
-COMMANDS = {"sample": sample_command, "download": download_command, "diagnose": diagnose_command}
+def fold_batchnorm_command(args: list[str]) -> None:
+    from mm_lightning.fold import fold_command
+
+    fold_command(args, _Parser)
+
+
+COMMANDS = {
+    "sample": sample_command,
+    "download": download_command,
+    "diagnose": diagnose_command,
+    "fold-batchnorm": fold_batchnorm_command,
+}
 USAGE = """usage: python -m mm_lightning.cli COMMAND [options]   (or: mm-lightning COMMAND [options])
 
   fit        train; --config configs/X.yaml, overrides like --trainer.max_steps 400 --model.lr 0.05;
@@ -411,6 +422,7 @@ USAGE = """usage: python -m mm_lightning.cli COMMAND [options]   (or: mm-lightni
   sample     names from a checkpoint, quickly (--num_samples 20 --temperature 1.0 --seed 42)
   diagnose   per-layer activation/gradient tables and health verdicts at init (or after --steps K)
   download   fetch makemore's names.txt into data/ (sha256-checked)
+  fold-batchnorm  a checkpoint with every BatchNorm folded into its Linear (--ckpt_path last --out F.ckpt)
 
 Every command takes --help; --debug shows the traceback of an error."""
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mm_lightning.errors import UsageError
 
-InitScheme = Literal["torch", "kaiming", "normal"]
+InitScheme = Literal["torch", "kaiming", "normal", "zeros"]  # zeros: the lecture's exercise E01
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class MLPConfig:
     bn_momentum: float = 0.1
     """Running-statistics momentum of every BatchNorm1d (torch's 0.1; the lecture's first BN used 0.001)."""
     init: InitScheme = "kaiming"
-    """Hidden weights: 'kaiming' N(0,1)*gain/sqrt(fan_in), 'normal' N(0,1)*gain, 'torch' PyTorch's default * gain."""
+    """Hidden weights: 'kaiming' N(0,1)*gain/sqrt(fan_in), 'normal' N(0,1)*gain, 'torch' PyTorch's default * gain,
+    'zeros' every weight and bias (the embedding's too) zero: exercise E01."""
     gain: float = 5 / 3
     """Multiplier of the hidden weights (5/3 is the tanh gain)."""
     bias_scale: float = 0.0
@@ -106,6 +107,8 @@ class MLP(nn.Module):
     def reset_parameters(self) -> None:
         c = self.config
         nn.init.normal_(self.embedding.weight)  # N(0, 1): the lecture's C
+        if c.init == "zeros":
+            self.embedding.weight.zero_()
         linears = [m for m in self.layers if isinstance(m, nn.Linear)]
         for i, linear in enumerate(linears):
             is_output = i == len(linears) - 1
@@ -125,6 +128,11 @@ class MLP(nn.Module):
 
 def _init_linear(linear: nn.Linear, scheme: str, gain: float, bias_scale: float) -> None:
     fan_in = linear.weight.shape[1]
+    if scheme == "zeros":
+        nn.init.zeros_(linear.weight)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+        return
     if scheme == "torch":
         linear.reset_parameters()  # weights and biases as nn.Linear draws them
         linear.weight.mul_(gain)

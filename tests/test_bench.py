@@ -61,3 +61,13 @@ def test_bench_measures_the_callback_on_a_short_demo_fit():
     assert len(ratios) == 2 and all(0.2 < x < 20 for x in ratios)  # measured ratios, not a placeholder
     share = float(proc.stdout.split("time inside the callback's hooks: median ")[1].split("%")[0])
     assert 0 < share < 100
+
+
+def test_bench_measures_the_folded_networks_eval_speed(names_file):
+    args = ["--fold", "--repeats", "2", "--data_path", str(names_file), "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mm_lightning.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratio = float(proc.stdout.split("median x")[1])
+    assert 0.2 < ratio < 20  # a measured ratio, not a placeholder
