@@ -342,10 +342,8 @@ def _pop_option(args: list[str], name: str) -> str | None:
 
 
 def diagnose_command(args: list[str]) -> int:
-    import lightning as L
-
     from mm_lightning.diagnostics import figures
-    from mm_lightning.diagnostics.report import format_report
+    from mm_lightning.lecture import run_diagnosis
 
     if "-h" in args or "--help" in args:
         print(DIAGNOSE_USAGE)
@@ -358,46 +356,15 @@ def diagnose_command(args: list[str]) -> int:
         steps = int(steps_text or 0)
     except ValueError:
         raise UsageError(f"--steps must be a whole number of training steps, got {steps_text!r}") from None
-    if steps < 0:
-        raise UsageError(f"--steps must be 0 (at init) or more, got {steps}")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    cli = MakemoreCLI(args, run=False)  # the same parser, config files and checks as fit
-    configured: TrainingDiagnostics = cli.config_init["diagnostics"]
-    every = max(steps, 1)  # sample step 0 and step `steps`
-    diagnostics = TrainingDiagnostics(
-        every_n_steps=every,
-        layers=configured.patterns,
-        saturation_threshold=configured.saturation_threshold,
-        histogram_bins=configured.bins,
-        histograms_every_n_steps=every,
-        figures_every_n_steps=0,
-        expected_initial_loss=configured.expected_initial_loss,
-        health=configured.health,
-        stats_in_worker=False,  # two sampled steps: not worth starting a process
-    )
-    trainer = L.Trainer(
-        max_steps=steps + 1,
-        accelerator=cli.config["trainer"]["accelerator"],
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[diagnostics],
-    )
-    trainer.fit(cli.model, datamodule=cli.datamodule)
-    snapshot, verdicts = diagnostics.last_snapshot, diagnostics.last_verdicts
-    expected = configured.expected_initial_loss or math.log(cli.model.num_classes)
-    print(format_report(snapshot, verdicts, expected))
+    diagnosis = run_diagnosis(args, steps)
+    print(diagnosis)
     if figures_dir:
         out = Path(figures_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for tag, (data, _, _) in figures.render_pngs(snapshot, diagnostics.update_history).items():
+        for tag, (data, _, _) in figures.render_pngs(diagnosis.snapshot, diagnosis.update_history).items():
             (out / f"{tag.split('/')[-1]}.png").write_bytes(data)
         print(f"figures written to {out}/")
-    return 1 if any(not v.ok for v in verdicts) else 0
+    return 1 if diagnosis.failing else 0
 
 
 def fold_batchnorm_command(args: list[str]) -> None:

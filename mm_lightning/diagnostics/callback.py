@@ -95,6 +95,7 @@ class TrainingDiagnostics(Callback):
         expected_initial_loss: float | None = None,
         health: HealthThresholds = HealthThresholds(),
         stats_in_worker: bool = True,
+        verbose: bool = True,
     ):
         """
         Args:
@@ -114,6 +115,8 @@ class TrainingDiagnostics(Callback):
                 compute a sampled step's statistics in a worker process when training runs in one process on the
                 CPU (speed only: the same numbers, logged a batch later); False computes them in the training
                 process. Figures are always drawn by a worker process of their own, at low priority.
+            verbose: print what is watched and where it goes at train start, and each new failing verdict, to
+                stderr (False: for a caller that reports them itself, as the `diagnose` command does).
         """
         super().__init__()
         if every_n_steps < 0:
@@ -139,6 +142,7 @@ class TrainingDiagnostics(Callback):
         self.expected_initial_loss = expected_initial_loss
         self.health = health
         self.stats_in_worker = stats_in_worker
+        self.verbose = verbose
         # across the run (saved in checkpoints)
         self.update_history: dict[str, list[tuple[int, float]]] = {}
         self.warned: set[tuple[str, str]] = set()
@@ -193,7 +197,7 @@ class TrainingDiagnostics(Callback):
         self._running = (trainer, pl_module)
         if not self.every_n_steps:
             return
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.verbose:
             self._say_what_is_watched(trainer, pl_module)
         tbwrite.speed_up()
         writer = self._writer(trainer)
@@ -527,7 +531,8 @@ class TrainingDiagnostics(Callback):
         new = [v for v in verdicts if not v.ok and (v.check, v.subject) not in self.warned]
         for v in new:
             self.warned.add((v.check, v.subject))
-            _say(f"step {s.step}: {v.message}")
+            if self.verbose:
+                _say(f"step {s.step}: {v.message}")
         if writer is not None:  # one entry per check and step: TensorBoard shows only the last of a tag and step
             for check in dict.fromkeys(v.check for v in new):
                 lines = [f"- step {s.step}: {v.message}" for v in new if v.check == check]

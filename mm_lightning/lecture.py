@@ -1,0 +1,155 @@
+"""The lecture in Jupyter: `diagnose` a config (at init or after K training steps) and get back what a notebook
+shows, the lecture's per-layer tables (rendered as HTML tables), the health verdicts, and the four figures as
+matplotlib figures shown inline. The `diagnose` command prints the same thing as text.
+
+    from mm_lightning.lecture import diagnose
+    d = diagnose("configs/lecture/deep_nobn.yaml", steps=0, **{"model.net.gain": 3.0})
+    d                      # the tables and verdicts
+    d.figures()["1_activations"]
+
+Everything goes through the CLI's own parser (same configs, overrides, checks and defaults as `fit`).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+from dataclasses import dataclass
+
+from mm_lightning.diagnostics import Snapshot, TrainingDiagnostics, Verdict, format_report
+
+
+@dataclass
+class Diagnosis:
+    """One sampled step of a config: its statistics (snapshot), verdicts and update history."""
+
+    snapshot: Snapshot
+    verdicts: list[Verdict]
+    update_history: dict[str, list[tuple[int, float]]]
+    expected_loss: float
+
+    @property
+    def loss(self) -> float | None:
+        return self.snapshot.loss
+
+    @property
+    def failing(self) -> list[Verdict]:
+        return [v for v in self.verdicts if not v.ok]
+
+    def __str__(self) -> str:
+        return format_report(self.snapshot, self.verdicts, self.expected_loss)
+
+    def figures(self) -> dict:
+        """The lecture's four figures of this step, as matplotlib Figures (Jupyter shows one inline)."""
+        from mm_lightning.diagnostics import figures
+
+        _show_figures_inline()
+        return {tag.split("/")[-1]: fig for tag, fig in figures.render_all(self.snapshot, self.update_history).items()}
+
+    def _repr_html_(self) -> str:
+        s = self.snapshot
+        rows = [
+            [f"{x.name} ({x.kind})", f"{x.mean:+.4f}", f"{x.std:.4f}"]
+            + ["n/a" if x.saturation is None else f"{100 * x.saturation:.2f}%", f"{100 * x.dead:.2f}%"]
+            + ["n/a" if x.grad_std is None else f"{x.grad_std:.2e}"]
+            for x in s.layers
+        ]
+        weights = [
+            [p.name, "x".join(map(str, p.shape)), "n/a" if p.grad_std is None else f"{p.grad_std:.2e}"]
+            + ["n/a" if p.grad_data_ratio is None else f"{p.grad_data_ratio:.2e}"]
+            + ["n/a" if p.log10_update_ratio is None else f"{p.log10_update_ratio:.2f}"]
+            for p in s.weights
+        ]
+        verdicts = [
+            ["ok" if v.ok else "FAIL", v.check, v.message]
+            for v in self.verdicts
+            if not v.ok or v.check != "update_ratio"
+        ]
+        loss = "" if s.loss is None else f": loss {s.loss:.4f} (ln(classes) = {self.expected_loss:.4f})"
+        return (
+            f"<p><b>step {s.step}</b>{html.escape(loss)}</p>"
+            + _table(["layer output", "mean", "std", "saturated", "dead", "grad std"], rows)
+            + _table(["weight", "shape", "grad std", "grad:data", "log10 update:data"], weights)
+            + _table(["", "check", "verdict"], verdicts)
+        )
+
+
+def _show_figures_inline() -> None:
+    """In IPython/Jupyter: show a matplotlib Figure as its PNG (the figures are drawn without pyplot, so no
+    backend registers that for them)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        from matplotlib.figure import Figure
+
+        from mm_lightning.diagnostics.figures import png
+
+        shell.display_formatter.formatters["image/png"].for_type(Figure, lambda fig: png(fig)[0])
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def diagnose(config: str | None = None, steps: int = 0, **overrides) -> Diagnosis:
+    """Build the data and model as `fit --config config` with `--key value` for each override (dots in keys:
+    pass them as **{"model.net.gain": 3.0}), train `steps` steps (0: at init), and return the step's Diagnosis."""
+    args = ([] if config is None else ["--config", str(config)]) + [
+        a for key, value in overrides.items() for a in (f"--{key}", _arg(value))
+    ]
+    return run_diagnosis(args, steps)
+
+
+def _arg(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
+    """The `diagnose` command's work, for the command and for diagnose()."""
+    import lightning as L
+
+    from mm_lightning.cli import MakemoreCLI, _quiet_noise
+    from mm_lightning.errors import UsageError
+
+    _quiet_noise()  # as the CLI: no warnings that say nothing about this run
+    if steps < 0:
+        raise UsageError(f"--steps must be 0 (at init) or more, got {steps}")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    cli = MakemoreCLI(list(args), run=False)  # the same parser, config files and checks as fit
+    configured: TrainingDiagnostics = cli.config_init["diagnostics"]
+    every = max(steps, 1)  # sample step 0 and step `steps`
+    diagnostics = TrainingDiagnostics(
+        every_n_steps=every,
+        layers=configured.patterns,
+        saturation_threshold=configured.saturation_threshold,
+        histogram_bins=configured.bins,
+        histograms_every_n_steps=every,
+        figures_every_n_steps=0,
+        expected_initial_loss=configured.expected_initial_loss,
+        health=configured.health,
+        stats_in_worker=False,  # two sampled steps: not worth starting a process
+        verbose=False,  # the report lists what was watched and every verdict
+    )
+    trainer = L.Trainer(
+        max_steps=steps + 1,
+        accelerator=cli.config["trainer"]["accelerator"],
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[diagnostics],
+    )
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    expected = configured.expected_initial_loss or math.log(cli.model.num_classes)
+    return Diagnosis(diagnostics.last_snapshot, diagnostics.last_verdicts, diagnostics.update_history, expected)
