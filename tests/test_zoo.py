@@ -562,3 +562,23 @@ def test_accumulation_measures_the_first_micro_batch_only():
     diag, truth = fit(FunctionalMLP(), classification(), ["fc1", "fc2"], accumulate_grad_batches=3)
     assert [x.name for x in diag.first_snapshot.layers] == ["fc1", "fc2", "fc3"]  # no fc1#2 from micro-batch 2
     check_against_truth(diag, truth, {})
+
+
+def test_mlflow_gets_the_scalars_and_the_figures_as_artifacts(tmp_path, capsys, monkeypatch):
+    """MLflow's local file store (an optional extra: skipped where mlflow is not installed)."""
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store in maintenance mode
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(experiment_name="zoo", tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    diag = TrainingDiagnostics(every_n_steps=2, histograms_every_n_steps=2, figures_every_n_steps=2)
+    trainer = L.Trainer(max_steps=4, callbacks=[diag], logger=logger, enable_checkpointing=False)
+    trainer.fit(BuiltLate(), classification())
+    assert diag.wait(60)
+    client = logger.experiment
+    history = client.get_metric_history(logger.run_id, "act/std/net.1")
+    assert [m.step for m in history] == [0, 2]
+    assert history[-1].value == pytest.approx(diag.last_snapshot.layers[0].std, rel=1e-6)
+    listed = sorted(a.path for a in client.list_artifacts(logger.run_id, "diagnostics_figures"))
+    assert listed == [f"diagnostics_figures/step{s:07d}_{n}.png" for s in (0, 2) for n in FIGURES]
+    assert "no TensorBoard logger: scalars go to MLFlowLogger" in capsys.readouterr().err

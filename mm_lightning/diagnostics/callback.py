@@ -342,17 +342,7 @@ class TrainingDiagnostics(Callback):
                 f"step {step}: the optimizer step was skipped (the gradient scaler found inf/NaN gradients at "
                 f"scale {self._grad_scale:g}): its loss and activations are recorded, not its gradients or update"
             )
-        for w in self.watched:
-            if w.name not in self._calls and w.name not in self._unmeasured:
-                self._unmeasured[w.name] = (
-                    "it was not called in the sampled step (its parent may use its weights directly, as "
-                    "MultiheadAttention does with out_proj)"
-                )
-        if self._unmeasured and trainer.is_global_zero:
-            for name, why in self._unmeasured.items():
-                if ("unmeasured", name) not in self.warned:
-                    self.warned.add(("unmeasured", name))
-                    _say(f"{name} is watched but not measured (in full): {why}")
+        self._report_unmeasured(trainer)
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         last = step + self.every_n_steps >= total  # the run's last sample: its histograms make the end's figures
         histograms = bool(self.histograms_every_n_steps and (step % self.histograms_every_n_steps == 0 or last))
@@ -376,6 +366,19 @@ class TrainingDiagnostics(Callback):
         self._sampling, self._layers, self._params, self._before = None, [], [], {}
         if worker is None:
             self._record(trainer, pl_module, snapshot)
+
+    def _report_unmeasured(self, trainer: L.Trainer) -> None:
+        """Each watched module whose output was not measured, once, with why: never skipped silently."""
+        for w in self.watched:
+            if w.name not in self._calls and w.name not in self._unmeasured:
+                self._unmeasured[w.name] = (
+                    "it was not called in the sampled step (its parent may use its weights directly, as "
+                    "MultiheadAttention does with out_proj)"
+                )
+        for name, why in self._unmeasured.items():
+            if ("unmeasured", name) not in self.warned and trainer.is_global_zero:
+                self.warned.add(("unmeasured", name))
+                _say(f"{name} is watched but not measured (in full): {why}")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._remove_hooks()
@@ -539,11 +542,15 @@ class TrainingDiagnostics(Callback):
                 writer.add_text(f"health/{check}", "\n".join(lines), s.step)
 
     def _figure_destination(self, trainer: L.Trainer) -> tuple[str, str] | None:
-        """Where figures go: the TensorBoard run directory; PNG files in the run directory of another logger;
+        """Where figures go: the TensorBoard run directory; else PNG files in the artifact directory of an MLflow
+        run (file store) or a W&B run (its files, synced with it), else in the run directory of another logger;
         nowhere without a logger."""
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 return ("tensorboard", logger.log_dir)
+        for logger in trainer.loggers:
+            if (directory := _artifact_dir(logger)) is not None:
+                return ("png", os.path.join(directory, "diagnostics_figures"))
         if trainer.loggers:
             return ("png", os.path.join(trainer.log_dir or trainer.default_root_dir, "diagnostics_figures"))
         return None
@@ -589,6 +596,20 @@ class TrainingDiagnostics(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.update_history = {k: [tuple(p) for p in v] for k, v in state_dict.get("update_history", {}).items()}
         self.warned = {tuple(w) for w in state_dict.get("warned", [])}
+
+
+def _artifact_dir(logger) -> str | None:
+    """A local directory whose files the logger's run keeps as artifacts: an MLflow run's (file store) or a W&B
+    run's files directory. Found by the logger's class name: neither package is needed to import this one."""
+    try:
+        if type(logger).__name__ == "MLFlowLogger":
+            uri = logger.experiment.get_run(logger.run_id).info.artifact_uri
+            return uri.removeprefix("file://").removeprefix("file:") if uri.startswith(("file:", "/")) else None
+        if type(logger).__name__ == "WandbLogger":
+            return logger.experiment.dir
+    except Exception:  # a logger that cannot say: the run directory instead
+        return None
+    return None
 
 
 def _merge(captured: list[CapturedParams]) -> CapturedParams | None:
