@@ -165,6 +165,8 @@ class MakemoreCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
             self.save_config_callback = None  # evaluating must not overwrite the run's training config.yaml
+            # evaluating saves no checkpoint: ModelCheckpoint's bookkeeping, and its warning about it, do not matter
+            warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("lr_scheduler") and not config.get("optimizer"):
             # Lightning's CLI would drop it without a word: it only applies with an --optimizer

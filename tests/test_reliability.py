@@ -219,7 +219,7 @@ def test_data_normalisation(tmp_path):
         (["--model.lr", "0"], "--model.lr must be positive"),
         (["--model.lr", "-0.1"], "--model.lr must be positive"),
         (["--model.milestones", "[100, 50]"], "--model.milestones must be positive and strictly increasing"),
-        (["--model.net.init", "xavier"], "--model.net.init: expected one of ['torch', 'kaiming', 'normal']"),
+        (["--model.net.init", "xavier"], "--model.net.init: expected one of ['torch', 'kaiming', 'normal', 'zeros']"),
         (["--data.batch_size", "lots"], "--data.batch_size: expected int, got lots"),
         (["--diagnostics.every_n_steps", "30"], "histograms_every_n_steps (1000) must be 0 or a multiple"),
         (["--weights_only", "false"], "--weights_only false is refused"),
