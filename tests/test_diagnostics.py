@@ -554,3 +554,19 @@ def test_a_bad_argument_names_the_python_argument_and_the_cli_its_option(project
         TrainingDiagnostics(every_n_steps=-1)
     assert main(["fit", "--diagnostics.every_n_steps", "-1", "--trainer.max_steps", "1"]) == 2
     assert "error: --diagnostics.every_n_steps must be 0 (off) or more, got -1" in capsys.readouterr().err
+
+
+def test_hand_encoded_scalar_events_are_what_protobuf_reads():
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from mm_lightning.diagnostics.tbwrite import scalar_event
+
+    scalars = {"1 activations/std": 0.64, "5 more/dead units %": 0.0, "x" * 200: 1e30, "é/ü": -3.25, "zero": -0.0}
+    for step in (0, 1, 127, 128, 300_000, 2**40):
+        built = Event(
+            wall_time=1234.5,
+            step=step,
+            summary=Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in scalars.items()]),
+        )
+        assert Event.FromString(scalar_event(1234.5, step, scalars)) == built, step

@@ -323,7 +323,9 @@ class TrainingDiagnostics(Callback):
         self._handles = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._collect(trainer, pl_module)  # record what the worker has finished, if anything
+        stats = self._workers.get("stats")
+        if stats is not None and stats.pending["stats"]:  # (every step: so nothing else before the sample check)
+            self._collect(trainer, pl_module)  # record what the worker has finished, if anything
         if self._sampling is None:
             return
         if self._loss is None:
@@ -438,8 +440,6 @@ class TrainingDiagnostics(Callback):
     def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, wait: float = 0.0) -> None:
         """Record the statistics worker's answers, in order; with wait > 0, until none is pending or the time is
         up. (Figures are never waited for: their worker writes them itself and says when one fails.)"""
-        if "figures" in self._workers:
-            self._workers["figures"].ready()  # its answers: nothing to do with them
         deadline = time.monotonic() + wait
         while (worker := self._workers.get("stats")) is not None and worker.pending["stats"]:
             answers = worker.ready(max(deadline - time.monotonic(), 0.0) if wait else 0.0)
