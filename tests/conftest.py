@@ -91,3 +91,12 @@ DIAGNOSTICS_TAGS = [  # flat family, its sub-run, its chart: written out here, n
     ("update/log10_ratio", "params/{}", "4 updates/log10 update:data"),
     ("update/reference", "reference 1e-3", "4 updates/log10 update:data"),
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (for a TensorBoard server, a DDP rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,17 +15,9 @@ import urllib.request
 import pytest
 
 from mm_lightning.cli import main
-from tests.conftest import SMALL
+from tests.conftest import SMALL, free_port
 
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _browser(url: str, *args: str) -> str:
@@ -39,7 +31,7 @@ def test_time_series_shows_informative_charts_first_one_line_per_layer(project, 
     monkeypatch.chdir(project)
     args = ["fit", "--trainer.max_steps", "300", *SMALL, "--data.steps_per_epoch", "300"]
     assert main([*args, "--trainer.enable_progress_bar", "false"]) == 0
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("tensorboard") or os.path.join(os.path.dirname(sys.executable), "tensorboard")
     server = subprocess.Popen(
         [exe, "--logdir", str(project / "lightning_logs"), "--host", "127.0.0.1", "--port", str(port)],

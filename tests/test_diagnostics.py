@@ -20,7 +20,7 @@ from mm_lightning.diagnostics.callback import TrainingDiagnostics, custom_scalar
 from mm_lightning.diagnostics.snapshot import LayerStats, ParamStats, Snapshot
 from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, summarize
 from mm_lightning.diagnostics.verdicts import HealthThresholds, judge
-from tests.conftest import SMALL, flat_tag, scalars
+from tests.conftest import SMALL, flat_tag, free_port, scalars
 
 NO_BN = ["--model.net.batchnorm", "false", "--model.net.output_batchnorm", "false"]
 
@@ -290,14 +290,6 @@ def test_the_worker_does_not_outlive_a_killed_trainer(tmp_path):
 # ----------------------------------------------------------------------------------- through TensorBoard itself
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tensorboard_serves_the_diagnostics_over_http(project, monkeypatch):
     """Start TensorBoard on 127.0.0.1 against a finished run and read what the browser reads."""
@@ -308,7 +300,7 @@ def test_tensorboard_serves_the_diagnostics_over_http(project, monkeypatch):
 
     monkeypatch.chdir(project)
     _fit(project, "out", *NO_BN, "--model.net.gain", "3.0")  # saturated: verdicts to find as text too
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("tensorboard") or os.path.join(os.path.dirname(sys.executable), "tensorboard")
     server = subprocess.Popen(
         [exe, "--logdir", str(project / "out" / "lightning_logs"), "--host", "127.0.0.1", "--port", str(port)],
@@ -382,7 +374,7 @@ def test_statistics_are_all_reduced_across_processes(tmp_path):
     grads = [torch.randn(32, 20) * 1e-3 for _ in outs]
     loss = torch.tensor([2.0, 4.0])
     path = str(tmp_path / "snapshot.pt")
-    mp.spawn(_ddp_worker, args=(_free_port(), path, (outs, grads, loss)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(free_port(), path, (outs, grads, loss)), nprocs=2)
     ddp = torch.load(path, weights_only=False)  # our own test file
     whole = summarize(
         0,

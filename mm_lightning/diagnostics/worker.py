@@ -173,7 +173,7 @@ class Worker:
         root = os.path.dirname(os.path.dirname(os.path.abspath(top.__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
-            # -c, not -m: the package's __init__ imports this module, and runpy would warn about running it twice
+            # -c, not -m: the package's name is only known here (it may have been copied under another one)
             [sys.executable, "-c", f"from {__package__}.worker import serve; serve(nice={nice}, warm={warm})"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
