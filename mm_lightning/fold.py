@@ -71,7 +71,9 @@ def fold_command(args: list[str], parser_class=argparse.ArgumentParser) -> None:
     parser = parser_class(prog="mm_lightning.cli fold-batchnorm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", default="last", help="a .ckpt file, or 'last': the newest run's last.ckpt")
     parser.add_argument("--root_dir", default=".", help="where lightning_logs/ is (fit's --trainer.default_root_dir)")
-    parser.add_argument("--out", required=True, help="the folded checkpoint to write (not an existing file)")
+    parser.add_argument(
+        "--out", required=True, help="the folded checkpoint to write (a new file; its directory is created if missing)"
+    )
     a = parser.parse_args(args)
     out = Path(a.out)
     if out.exists():
