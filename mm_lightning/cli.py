@@ -38,7 +38,7 @@ from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NamesDataModule, downl
 from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
 from mm_lightning.errors import UsageError
 from mm_lightning.fastpath import FastPath
-from mm_lightning.model import MLP, MLPConfig, generate
+from mm_lightning.model import generate
 from mm_lightning.module import LR_TAG, MakemoreModule, NonFiniteLossError
 from mm_lightning.progress import StepProgressBar
 from mm_lightning.runs import (
@@ -47,6 +47,7 @@ from mm_lightning.runs import (
     RunCheckpoint,
     SafeCheckpointIO,
     StopOnSignal,
+    checkpoint_net,
     claim_version,
     discard_empty_claims,
     find_last,
@@ -297,13 +298,7 @@ def sample_command(args: list[str]) -> None:
     if not a.temperature > 0:
         raise UsageError(f"--temperature must be positive, got {a.temperature}; 1.0 samples the model as trained")
     path = find_last(runs_dir(a.root_dir)) if a.ckpt_path == "last" else Path(a.ckpt_path)
-    checkpoint = load_checkpoint(path)
-    net = MLP(MLPConfig(**checkpoint["hyper_parameters"]["net"]))
-    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise UsageError(f"{path}: weights do not match its own hyperparameters ({str(e).splitlines()[0]})") from None
+    net = checkpoint_net(load_checkpoint(path))  # (load_checkpoint refuses weights that do not fit their model)
     generator = torch.Generator().manual_seed(a.seed)
     for start in range(0, a.num_samples, SAMPLE_CHUNK):  # in chunks: memory stays flat however many are asked
         for name in generate(net, min(SAMPLE_CHUNK, a.num_samples - start), a.temperature, generator):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from mm_lightning.errors import UsageError
-from mm_lightning.model import MLP, MLPConfig
+from mm_lightning.model import MLP
 
 
 @torch.no_grad()
@@ -50,12 +50,10 @@ def fold_batchnorm(net: MLP) -> MLP:
 
 def fold_checkpoint(checkpoint: dict) -> dict:
     """A checkpoint of the folded network, for evaluating and sampling (not for training on: no optimizer state)."""
+    from mm_lightning.runs import checkpoint_net
+
     hparams = checkpoint["hyper_parameters"]
-    net = MLP(MLPConfig(**hparams["net"]))
-    net.load_state_dict(
-        {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    )
-    folded = fold_batchnorm(net.eval())
+    folded = fold_batchnorm(checkpoint_net(checkpoint).eval())
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("net.")}
     state.update({f"net.{k}": v for k, v in folded.state_dict().items()})
     keep = ("epoch", "global_step", "pytorch-lightning_version", "datamodule_hyper_parameters")

@@ -91,9 +91,9 @@ def check_checkpoint(checkpoint: dict, path) -> None:
             expected = {k: tuple(v.shape) for k, v in MLP(MLPConfig(**hparams["net"])).state_dict().items()}
     except (TypeError, ValueError, UsageError) as e:
         raise UsageError(f"{path}: its model hyperparameters are not valid ({' '.join(str(e).split())})") from None
-    stored = {
-        k.removeprefix("net."): tuple(v.shape) for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
-    }
+    from mm_lightning.runs import net_state
+
+    stored = {k: tuple(v.shape) for k, v in net_state(checkpoint).items()}
     if stored != expected:
         wrong = sorted(set(stored) ^ set(expected)) or [k for k in expected if stored[k] != expected[k]]
         raise UsageError(

@@ -25,8 +25,7 @@ import yaml
 
 from mm_lightning.data import NamesDataModule
 from mm_lightning.errors import UsageError
-from mm_lightning.model import MLP, MLPConfig
-from mm_lightning.runs import find_last, load_checkpoint
+from mm_lightning.runs import checkpoint_net, find_last, load_checkpoint
 
 # makemore_part3_bn.ipynb's loss log, (train, val), as the lecture reports it
 LECTURE = {
@@ -61,10 +60,8 @@ def evaluate(checkpoint: Path, data_path: str | None = None) -> tuple[int, dict[
     """The checkpoint's step, and the loss over each whole split, the network in eval mode (BatchNorm uses its
     running statistics)."""
     ckpt = load_checkpoint(checkpoint)
-    config = MLPConfig(**ckpt["hyper_parameters"]["net"])
-    net = MLP(config)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
-    net.eval()
+    net = checkpoint_net(ckpt).eval()
+    config = net.config
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})
     dm = NamesDataModule(
         path=data_path or data.get("path", "data/names.txt"),

@@ -165,6 +165,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return checkpoint
 
 
+def net_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The network's weights in a checkpoint fit wrote: its state_dict's `net.` entries, without the prefix."""
+    return {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+
+
+def checkpoint_net(checkpoint: dict):
+    """The network of a checkpoint load_checkpoint accepted (its weights fit its hyperparameters), with them."""
+    from mm_lightning.model import MLP, MLPConfig
+
+    net = MLP(MLPConfig(**checkpoint["hyper_parameters"]["net"]))
+    net.load_state_dict(net_state(checkpoint))
+    return net
+
+
 def remove_partial_writes(directory: Path) -> None:
     """Delete temp files a killed writer left behind (their final files were never replaced)."""
     for tmp in directory.glob(".*.tmp"):

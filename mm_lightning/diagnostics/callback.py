@@ -348,6 +348,9 @@ class TrainingDiagnostics(Callback):
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         last = step + self.every_n_steps >= total  # the run's last sample: its histograms make the end's figures
         histograms = bool(self.histograms_every_n_steps and (step % self.histograms_every_n_steps == 0 or last))
+        self._samples += 1
+        if self._samples == self.INLINE_SAMPLES:
+            self._draw_figures()  # a long run: the figures of step 0 now
         worker = self._worker_for(trainer, params)
         if worker is not None:
             worker.submit_stats(
@@ -394,9 +397,6 @@ class TrainingDiagnostics(Callback):
         (a GPU reduces them faster than it could copy them out), past the first INLINE_SAMPLES samples, the
         worker up (torch imported). Otherwise inline (~1.4 ms), unless earlier samples are still queued there
         (steps stay in order)."""
-        self._samples += 1
-        if self._samples == self.INLINE_SAMPLES:
-            self._draw_figures()  # a long run: the figures of step 0 now
         on_cpu = all(x.output.device.type == "cpu" for x in self._layers) and (params is None or params.rows.is_cpu)
         if not (self.stats_in_worker and trainer.world_size == 1 and on_cpu) or self._samples < self.INLINE_SAMPLES:
             return None
