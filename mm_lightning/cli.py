@@ -34,11 +34,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mm_lightning import preflight
-from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NamesDataModule, download_names
+from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NOTEBOOK_NEEDS_INIT_SEED, NamesDataModule, download_names
 from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
 from mm_lightning.errors import UsageError
 from mm_lightning.fastpath import FastPath
-from mm_lightning.model import generate
+from mm_lightning.model import generate, generate_one_at_a_time
 from mm_lightning.module import LR_TAG, MakemoreModule, NonFiniteLossError
 from mm_lightning.progress import StepProgressBar
 from mm_lightning.runs import (
@@ -169,6 +169,8 @@ class MakemoreCLI(LightningCLI):
             # evaluating saves no checkpoint: ModelCheckpoint's bookkeeping, and its warning about it, do not matter
             warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.data.sampler == "notebook" and config.model.net.init_seed is None:
+            raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)  # before anything is built
         if config.get("lr_scheduler") and not config.get("optimizer"):
             # Lightning's CLI would drop it without a word: it only applies with an --optimizer
             raise UsageError(
@@ -185,6 +187,8 @@ class MakemoreCLI(LightningCLI):
                 )
 
     def after_instantiate_classes(self) -> None:
+        # the notebook's single generator (--data.sampler notebook): minibatches continue where the init stopped
+        self.datamodule.follow_init_generator(self.model.net.init_generator_state)
         if self.resume is not None and self.datamodule.vocab != self.resume.vocab:
             raise UsageError(
                 f"{self.resume.checkpoint} was trained on a {len(self.resume.vocab)}-character vocabulary but "
@@ -292,6 +296,11 @@ def sample_command(args: list[str]) -> None:
     parser.add_argument("-n", "--num_samples", type=int, default=20, help="how many names")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; lower is safer)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
+    parser.add_argument(
+        "--one_at_a_time",
+        action="store_true",
+        help="one name after another, as the lecture's notebook samples (slower); with --seed 2147483657, its names",
+    )
     a = parser.parse_args(args)
     if a.num_samples < 1:
         raise UsageError(f"--num_samples must be at least 1, got {a.num_samples}")
@@ -300,8 +309,9 @@ def sample_command(args: list[str]) -> None:
     path = find_last(runs_dir(a.root_dir)) if a.ckpt_path == "last" else Path(a.ckpt_path)
     net = checkpoint_net(load_checkpoint(path))  # (load_checkpoint refuses weights that do not fit their model)
     generator = torch.Generator().manual_seed(a.seed)
+    sampler = generate_one_at_a_time if a.one_at_a_time else generate
     for start in range(0, a.num_samples, SAMPLE_CHUNK):  # in chunks: memory stays flat however many are asked
-        for name in generate(net, min(SAMPLE_CHUNK, a.num_samples - start), a.temperature, generator):
+        for name in sampler(net, min(SAMPLE_CHUNK, a.num_samples - start), a.temperature, generator):
             print(name)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mm_lightning.errors import UsageError
 
 InitScheme = Literal["torch", "kaiming", "normal", "zeros"]  # zeros: the lecture's exercise E01
+BatchNormVariance = Literal["biased", "unbiased"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,15 @@ class MLPConfig:
     """BatchNorm1d after the output Linear, as in the lecture's deep network."""
     bn_momentum: float = 0.1
     """Running-statistics momentum of every BatchNorm1d (torch's 0.1; the lecture's first BN used 0.001)."""
+    bn_variance: BatchNormVariance = "biased"
+    """Batch variance BatchNorm normalises with in training: 'biased' as torch.nn.BatchNorm1d, 'unbiased'
+    (x.var(0)) as the lecture's hand-written BatchNorm1d. Both keep the unbiased one in running_var."""
+    bn_eps: float = 1e-5
+    """Added to the variance before its square root (the lecture's first BatchNorm had none: 0)."""
+    init_seed: int | None = None
+    """Draw the whole init from torch.Generator().manual_seed(init_seed) in the notebook's order (the embedding,
+    then each Linear's weight as randn(fan_in, fan_out), then its bias), as makemore_part3_bn.ipynb does with
+    its 2147483647; None: from torch's global generator (seed_everything)."""
     init: InitScheme = "kaiming"
     """Hidden weights: 'kaiming' N(0,1)*gain/sqrt(fan_in), 'normal' N(0,1)*gain, 'torch' PyTorch's default * gain,
     'zeros' every weight and bias (the embedding's too) zero: exercise E01."""
@@ -64,6 +74,9 @@ class MLPConfig:
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         need(self.n_layers >= 0, f"n_layers must be 0 or more, got {self.n_layers}")
         need(0.0 <= self.bn_momentum <= 1.0, f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
+        need(self.bn_variance in ("biased", "unbiased"), f"bn_variance must be biased or unbiased: {self.bn_variance}")
+        need(self.bn_eps >= 0, f"bn_eps must be 0 or more, got {self.bn_eps}")
+        need(self.init_seed is None or 0 <= self.init_seed < 2**63, f"init_seed must be in [0, 2^63): {self.init_seed}")
         schemes = InitScheme.__args__
         need(self.init in schemes, f"init must be one of {', '.join(schemes)}; got {self.init!r}")
         need(self.output_init in (None, *schemes), f"output_init must be null or one of {', '.join(schemes)}")
@@ -72,6 +85,10 @@ class MLPConfig:
             need(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.init == "torch" and self.bias_scale != 0:
             raise UsageError("--model.net.bias_scale has no effect with init 'torch' (PyTorch draws biases); drop it")
+        if self.init_seed is not None and "torch" in (self.init, self.output_init):
+            raise UsageError(
+                "--model.net.init_seed draws the notebook's init; init 'torch' is PyTorch's own: use kaiming or normal"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -91,13 +108,14 @@ class MLP(nn.Module):
         for _ in range(c.n_layers):
             layers.append(nn.Linear(fan_in, c.n_hidden, bias=not c.batchnorm))
             if c.batchnorm:
-                layers.append(nn.BatchNorm1d(c.n_hidden, momentum=c.bn_momentum))
+                layers.append(_batchnorm(c, c.n_hidden))
             layers.append(nn.Tanh())
             fan_in = c.n_hidden
         layers.append(nn.Linear(fan_in, c.vocab_size, bias=not c.output_batchnorm))
         if c.output_batchnorm:
-            layers.append(nn.BatchNorm1d(c.vocab_size, momentum=c.bn_momentum))
+            layers.append(_batchnorm(c, c.vocab_size))
         self.layers = nn.Sequential(*layers)
+        self.init_generator_state: torch.Tensor | None = None  # where init_seed's generator stopped (see data.py)
         self.reset_parameters()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -106,7 +124,8 @@ class MLP(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         c = self.config
-        nn.init.normal_(self.embedding.weight)  # N(0, 1): the lecture's C
+        generator = None if c.init_seed is None else torch.Generator().manual_seed(c.init_seed)
+        nn.init.normal_(self.embedding.weight, generator=generator)  # N(0, 1): the lecture's C
         if c.init == "zeros":
             self.embedding.weight.zero_()
         linears = [m for m in self.layers if isinstance(m, nn.Linear)]
@@ -118,15 +137,19 @@ class MLP(nn.Module):
                 scheme=c.output_init if own_scheme else c.init,
                 gain=1.0 if own_scheme else c.gain,
                 bias_scale=c.output_bias_scale if is_output else c.bias_scale,
+                generator=generator,
             )
         for m in self.layers:
             if isinstance(m, nn.BatchNorm1d):
                 m.reset_parameters()  # gamma 1, beta 0, fresh running statistics
         last = self.layers[-1]
         (last.weight if isinstance(last, nn.BatchNorm1d) else linears[-1].weight).mul_(c.output_scale)
+        self.init_generator_state = None if generator is None else generator.get_state()
 
 
-def _init_linear(linear: nn.Linear, scheme: str, gain: float, bias_scale: float) -> None:
+def _init_linear(
+    linear: nn.Linear, scheme: str, gain: float, bias_scale: float, generator: torch.Generator | None
+) -> None:
     fan_in = linear.weight.shape[1]
     if scheme == "zeros":
         nn.init.zeros_(linear.weight)
@@ -137,11 +160,39 @@ def _init_linear(linear: nn.Linear, scheme: str, gain: float, bias_scale: float)
         linear.reset_parameters()  # weights and biases as nn.Linear draws them
         linear.weight.mul_(gain)
         return
-    nn.init.normal_(linear.weight)
-    linear.weight.mul_(gain / math.sqrt(fan_in) if scheme == "kaiming" else gain)
+    if generator is None:
+        nn.init.normal_(linear.weight)
+        linear.weight.mul_(gain / math.sqrt(fan_in) if scheme == "kaiming" else gain)
+    else:  # the notebook's W = randn((fan_in, fan_out), generator=g) * gain / fan_in**0.5, in its rounding order
+        w = torch.randn(linear.weight.shape[::-1], generator=generator) * gain
+        linear.weight.copy_((w / fan_in**0.5 if scheme == "kaiming" else w).T)
     if linear.bias is not None:
-        nn.init.normal_(linear.bias)
+        nn.init.normal_(linear.bias, generator=generator)  # drawn even when scaled by 0, as the notebook's b2
         linear.bias.mul_(bias_scale)
+
+
+def _batchnorm(c: MLPConfig, dim: int) -> nn.BatchNorm1d:
+    if c.bn_variance == "unbiased":
+        return LectureBatchNorm1d(dim, eps=c.bn_eps, momentum=c.bn_momentum)
+    return nn.BatchNorm1d(dim, eps=c.bn_eps, momentum=c.bn_momentum)
+
+
+class LectureBatchNorm1d(nn.BatchNorm1d):
+    """The lecture's hand-written BatchNorm1d (makemore_part3_bn.ipynb, cell 13), op for op: in training it
+    normalises with the unbiased batch variance x.var(0), where nn.BatchNorm1d uses the biased one; the running
+    statistics are updated as nn.BatchNorm1d does. Same parameters and buffers, so checkpoints, the diagnostics
+    and fold-batchnorm treat it as any BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean, var = x.mean(0, keepdim=True), x.var(0, keepdim=True)
+            with torch.no_grad():
+                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.squeeze(0))
+                self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.squeeze(0))
+                self.num_batches_tracked.add_(1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return self.weight * ((x - mean) / torch.sqrt(var + self.eps)) + self.bias
 
 
 @torch.no_grad()
@@ -175,4 +226,37 @@ def generate(
     for row in out.tolist():
         word = row[: row.index(0)] if 0 in row else row
         words.append("".join(c.vocab[i] for i in word))
+    return words
+
+
+@torch.no_grad()
+def generate_one_at_a_time(
+    net: MLP,
+    num_samples: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    max_length: int = 50,
+) -> list[str]:
+    """Sample words one after another, a character at a time, as the lecture's notebook does (cell 20): with its
+    generator, torch.Generator().manual_seed(2147483647 + 10), its names. One forward pass per character."""
+    if num_samples < 1:
+        raise UsageError(f"the number of samples must be at least 1, got {num_samples}")
+    if not temperature > 0:
+        raise UsageError(f"temperature must be positive, got {temperature}; 1.0 samples the model as trained")
+    was_training = net.training
+    net.eval()
+    device = net.embedding.weight.device
+    c = net.config
+    words = []
+    for _ in range(num_samples):
+        context, out = [0] * c.block_size, []
+        while len(out) < max_length:
+            probs = F.softmax(net(torch.tensor([context], device=device)) / temperature, dim=1)
+            ix = torch.multinomial(probs, num_samples=1, generator=generator).item()
+            context = context[1:] + [ix]
+            if ix == 0:
+                break
+            out.append(ix)
+        words.append("".join(c.vocab[i] for i in out))
+    net.train(was_training)
     return words

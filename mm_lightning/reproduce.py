@@ -34,7 +34,16 @@ LECTURE = {
     "fix_tanh": (2.0356, 2.1027),
     "kaiming": (2.0377, 2.1070),
     "batchnorm": (2.0668, 2.1048),
+    # the notebook-exact configs: the notebook's stored outputs, cell 10 and cell 19, as it prints them
+    "notebook_batchnorm": (2.0674145221710205, 2.1056840419769287),
+    "notebook_deep": (2.4002976417541504, 2.3982467651367188),
 }
+# cell 7's printout: the minibatch loss at steps 0, 10000, ..., 190000 of the notebook's single-layer BatchNorm run
+NOTEBOOK_CURVES = {
+    "notebook_batchnorm": [3.3239, 2.0322, 2.5675, 2.0125, 2.2446, 1.8897, 2.0785, 2.3681, 2.2918, 2.0238]
+    + [2.3673, 2.3132, 1.6414, 1.9311, 2.2231, 2.0027, 2.0997, 2.4949, 2.0199, 2.1707],
+}
+CURVE_EVERY = 10_000
 
 
 @dataclass
@@ -71,14 +80,8 @@ def evaluate(checkpoint: Path, data_path: str | None = None) -> tuple[int, dict[
     if dm.vocab != config.vocab:
         raise UsageError(f"{checkpoint} was trained on another vocabulary than {dm.path}")
     dm.setup()
-    losses = {}
-    for split in ("train", "val", "test"):
-        x, y = dm.splits[split]
-        total = sum(
-            F.cross_entropy(net(x[i : i + 32768]), y[i : i + 32768], reduction="sum").item()
-            for i in range(0, len(y), 32768)
-        )
-        losses[split] = total / len(y)
+    # each split in one pass, as the notebook's split_loss: its mean is then the notebook's to the last bit
+    losses = {split: F.cross_entropy(net(x), y).item() for split, (x, y) in dm.splits.items()}
     return int(ckpt["global_step"]), losses
 
 
@@ -97,13 +100,13 @@ def _fit_command(config: Path, root: Path, max_steps: int | None) -> list[str]:
     return cmd
 
 
-def _initial_loss(run_dir: Path) -> float:
+def sampled_losses(run_dir: Path) -> dict[int, float]:
+    """The diagnostics' sampled/loss: the loss of each sampled step's minibatch (train/loss is a running mean)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    # the diagnostics' sampled/loss: the loss of step 0's minibatch at init (train/loss starts at log_every_n_steps)
-    return next((e.value for e in acc.Scalars("sampled/loss") if e.step == 0), math.nan)
+    return {e.step: e.value for e in acc.Scalars("sampled/loss")} if "sampled/loss" in acc.Tags()["scalars"] else {}
 
 
 def run(configs: list[Path], out: Path, jobs: int, max_steps: int | None, data_path: str | None) -> list[Result]:
@@ -139,11 +142,14 @@ def run(configs: list[Path], out: Path, jobs: int, max_steps: int | None, data_p
         last = find_last(out / name / "lightning_logs")
         steps, losses = evaluate(last, data_path)
         lecture = LECTURE.get(name, (None, None))
+        sampled = sampled_losses(last.parent.parent)
+        if name in NOTEBOOK_CURVES:
+            write_curve(name, NOTEBOOK_CURVES[name], sampled, out)
         results.append(
             Result(
                 name,
                 steps,
-                _initial_loss(last.parent.parent),
+                sampled.get(0, math.nan),
                 losses["train"],
                 losses["val"],
                 *lecture,
@@ -175,6 +181,16 @@ def write_tables(results: list[Result], out: Path) -> None:
             f"| {f4(r.lecture_val)} | {fd(dt)} | {fd(dv)} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def write_curve(name: str, notebook: list[float], sampled: dict[int, float], out: Path) -> None:
+    """The run's minibatch loss every CURVE_EVERY steps beside the notebook's printout (cell 7)."""
+    lines = [f"| {name}: step | notebook | this run |", "| ---: | ---: | ---: |"]
+    for i, want in enumerate(notebook):
+        got = sampled.get(i * CURVE_EVERY)
+        lines.append(f"| {i * CURVE_EVERY} | {want:.4f} | {'' if got is None else f'{got:.4f}'} |")
+    (out / f"{name}_curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -29,6 +29,10 @@ def test_the_lecture_notebook_runs_top_to_bottom(names_file, monkeypatch):
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith(("deep_", "original "))}
     assert float(lines["original"].split("step 0:")[1].split()[0]) > 20  # confidently wrong at init, as in the lecture
     assert "saturation" in lines["deep_nobn_gain3"] and lines["deep_bn_gain3"].endswith("healthy")
+    # the notebook-exact run: the lecture notebook's cells 14-16, as printed there
+    assert "loss at step 0: 3.2870" in text
+    assert "saturated: 2.78%   gradient std 2.640702e-03" in text
+    assert "saturated: 1.88%   gradient std 1.952382e-03" in text
     html = [o for c in code for o in c.outputs if "text/html" in o.get("data", {})]
     assert len(html) == 2 and "<table>" in html[0]["data"]["text/html"]  # the lecture's tables, as tables
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
