@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from mm_lightning.errors import UsageError
 
 InitScheme = Literal["torch", "kaiming", "normal", "zeros"]  # zeros: the lecture's exercise E01
-BatchNormVariance = Literal["biased", "unbiased"]
+BatchNormStyle = Literal["torch", "lecture", "lecture_first"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,10 @@ class MLPConfig:
     """BatchNorm1d after the output Linear, as in the lecture's deep network."""
     bn_momentum: float = 0.1
     """Running-statistics momentum of every BatchNorm1d (torch's 0.1; the lecture's first BN used 0.001)."""
-    bn_variance: BatchNormVariance = "biased"
-    """Batch variance BatchNorm normalises with in training: 'biased' as torch.nn.BatchNorm1d, 'unbiased'
-    (x.var(0)) as the lecture's hand-written BatchNorm1d. Both keep the unbiased one in running_var."""
-    bn_eps: float = 1e-5
-    """Added to the variance before its square root (the lecture's first BatchNorm had none: 0)."""
+    bn_style: BatchNormStyle = "torch"
+    """Which BatchNorm: 'torch' nn.BatchNorm1d (normalises with the biased batch variance); 'lecture' the notebook's
+    BatchNorm1d class (unbiased x.var(0), eps 1e-5); 'lecture_first' the lecture's first, inline BatchNorm (unbiased
+    x.std(0), no eps, a running std). The notebook-exact configs use the lecture's; see LectureBatchNorm1d."""
     init_seed: int | None = None
     """Draw the whole init from torch.Generator().manual_seed(init_seed) in the notebook's order (the embedding,
     then each Linear's weight as randn(fan_in, fan_out), then its bias), as makemore_part3_bn.ipynb does with
@@ -74,8 +73,8 @@ class MLPConfig:
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         need(self.n_layers >= 0, f"n_layers must be 0 or more, got {self.n_layers}")
         need(0.0 <= self.bn_momentum <= 1.0, f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
-        need(self.bn_variance in ("biased", "unbiased"), f"bn_variance must be biased or unbiased: {self.bn_variance}")
-        need(self.bn_eps >= 0, f"bn_eps must be 0 or more, got {self.bn_eps}")
+        styles = BatchNormStyle.__args__
+        need(self.bn_style in styles, f"bn_style must be one of {', '.join(styles)}; got {self.bn_style!r}")
         need(self.init_seed is None or 0 <= self.init_seed < 2**63, f"init_seed must be in [0, 2^63): {self.init_seed}")
         schemes = InitScheme.__args__
         need(self.init in schemes, f"init must be one of {', '.join(schemes)}; got {self.init!r}")
@@ -172,27 +171,62 @@ def _init_linear(
 
 
 def _batchnorm(c: MLPConfig, dim: int) -> nn.BatchNorm1d:
-    if c.bn_variance == "unbiased":
-        return LectureBatchNorm1d(dim, eps=c.bn_eps, momentum=c.bn_momentum)
-    return nn.BatchNorm1d(dim, eps=c.bn_eps, momentum=c.bn_momentum)
+    if c.bn_style == "lecture":
+        return LectureBatchNorm1d(dim, momentum=c.bn_momentum)
+    if c.bn_style == "lecture_first":
+        return LectureFirstBatchNorm1d(dim, momentum=c.bn_momentum)
+    return nn.BatchNorm1d(dim, momentum=c.bn_momentum)
 
 
 class LectureBatchNorm1d(nn.BatchNorm1d):
-    """The lecture's hand-written BatchNorm1d (makemore_part3_bn.ipynb, cell 13), op for op: in training it
-    normalises with the unbiased batch variance x.var(0), where nn.BatchNorm1d uses the biased one; the running
-    statistics are updated as nn.BatchNorm1d does. Same parameters and buffers, so checkpoints, the diagnostics
-    and fold-batchnorm treat it as any BatchNorm1d."""
+    """The notebook's hand-written BatchNorm1d (makemore_part3_bn.ipynb, cell 13), op for op: in training it
+    normalises with the unbiased batch variance x.var(0), where nn.BatchNorm1d uses the biased one, and updates
+    the running statistics with it, as nn.BatchNorm1d does. Same parameters and buffers, so checkpoints, the
+    diagnostics and fold-batchnorm treat it as any BatchNorm1d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             mean, var = x.mean(0, keepdim=True), x.var(0, keepdim=True)
             with torch.no_grad():
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.squeeze(0))
-                self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.squeeze(0))
+                _ema(self.running_mean, mean, self.momentum)
+                _ema(self.running_var, var, self.momentum)
                 self.num_batches_tracked.add_(1)
         else:
             mean, var = self.running_mean, self.running_var
         return self.weight * ((x - mean) / torch.sqrt(var + self.eps)) + self.bias
+
+
+class LectureFirstBatchNorm1d(nn.BatchNorm1d):
+    """The lecture's first BatchNorm, written inline in the notebook's cell 7, op for op: bngain * (x - mean) / std
+    + bnbias with the unbiased batch std, no eps, and a running std (bnstd_running) beside the running mean. The
+    running std is kept in its own buffer; running_var holds its square, so that code reading a BatchNorm1d's
+    running variance (fold-batchnorm) gets the same normalisation."""
+
+    def __init__(self, num_features: int, momentum: float = 0.001):
+        super().__init__(num_features, eps=0.0, momentum=momentum)
+        self.register_buffer("running_std", torch.ones(num_features))
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if hasattr(self, "running_std"):  # (nn.BatchNorm1d.__init__ calls this before the buffer exists)
+            self.running_std.fill_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
+            with torch.no_grad():
+                _ema(self.running_mean, mean, self.momentum)
+                _ema(self.running_std, std, self.momentum)
+                torch.square(self.running_std, out=self.running_var)
+                self.num_batches_tracked.add_(1)
+        else:
+            mean, std = self.running_mean, self.running_std
+        return self.weight * (x - mean) / std + self.bias
+
+
+def _ema(running: torch.Tensor, batch: torch.Tensor, momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch, rounded as the notebook's line is."""
+    running.copy_((1 - momentum) * running + momentum * batch.squeeze(0))
 
 
 @torch.no_grad()
