@@ -171,6 +171,12 @@ class MakemoreCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.data.sampler == "notebook" and config.model.net.init_seed is None:
             raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)  # before anything is built
+        if config.trainer.get("sync_batchnorm") and config.model.net.bn_style != "torch":
+            # Lightning swaps every BatchNorm for torch's SyncBatchNorm: the lecture's would silently become torch's
+            raise UsageError(
+                f"--trainer.sync_batchnorm replaces --model.net.bn_style {config.model.net.bn_style} with torch's "
+                "SyncBatchNorm; use bn_style torch with it"
+            )
         if config.get("lr_scheduler") and not config.get("optimizer"):
             # Lightning's CLI would drop it without a word: it only applies with an --optimizer
             raise UsageError(

@@ -147,6 +147,9 @@ def test_notebook_sampler_needs_the_models_generator(project):
     assert not list(project.glob("lightning_logs/version_*"))  # nothing claimed
     proc = run_cli(["fit", "--model.net.init_seed", "1", "--model.net.init", "torch"], project, check=False)
     assert proc.returncode == 2 and "use kaiming or normal" in proc.stderr
+    # SyncBatchNorm would silently replace the lecture's BatchNorm with torch's
+    proc = run_cli(["fit", "--model.net.bn_style", "lecture", "--trainer.sync_batchnorm", "true"], project, check=False)
+    assert proc.returncode == 2 and "use bn_style torch with it" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 # -------------------------------------------------------------------- the deep network, through the real commands
