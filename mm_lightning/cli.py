@@ -38,7 +38,7 @@ from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NOTEBOOK_NEEDS_INIT_SE
 from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
 from mm_lightning.errors import UsageError
 from mm_lightning.fastpath import FastPath
-from mm_lightning.model import generate, generate_one_at_a_time
+from mm_lightning.model import generate
 from mm_lightning.module import LR_TAG, MakemoreModule, NonFiniteLossError
 from mm_lightning.progress import StepProgressBar
 from mm_lightning.runs import (
@@ -315,9 +315,9 @@ def sample_command(args: list[str]) -> None:
     path = find_last(runs_dir(a.root_dir)) if a.ckpt_path == "last" else Path(a.ckpt_path)
     net = checkpoint_net(load_checkpoint(path))  # (load_checkpoint refuses weights that do not fit their model)
     generator = torch.Generator().manual_seed(a.seed)
-    sampler = generate_one_at_a_time if a.one_at_a_time else generate
     for start in range(0, a.num_samples, SAMPLE_CHUNK):  # in chunks: memory stays flat however many are asked
-        for name in sampler(net, min(SAMPLE_CHUNK, a.num_samples - start), a.temperature, generator):
+        count = min(SAMPLE_CHUNK, a.num_samples - start)
+        for name in generate(net, count, a.temperature, generator, one_at_a_time=a.one_at_a_time):
             print(name)
 
 

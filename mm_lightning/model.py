@@ -236,17 +236,28 @@ def generate(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     max_length: int = 50,
+    one_at_a_time: bool = False,
 ) -> list[str]:
-    """Sample words one character at a time until the boundary token, all samples in parallel (BN in eval mode)."""
+    """Sample words one character at a time until the boundary token (BN in eval mode): all samples in parallel,
+    or, one_at_a_time, one word after another as the lecture's notebook does (cell 20: with its generator,
+    torch.Generator().manual_seed(2147483647 + 10), its names; one forward pass per character)."""
     if num_samples < 1:
         raise UsageError(f"the number of samples must be at least 1, got {num_samples}")
     if not temperature > 0:
         raise UsageError(f"temperature must be positive, got {temperature}; 1.0 samples the model as trained")
     was_training = net.training
     net.eval()
+    try:
+        draw = _words_one_at_a_time if one_at_a_time else _words_in_parallel
+        words = draw(net, num_samples, temperature, generator, max_length)
+    finally:
+        net.train(was_training)
+    return ["".join(net.config.vocab[i] for i in word) for word in words]
+
+
+def _words_in_parallel(net: MLP, num_samples: int, temperature: float, generator, max_length: int) -> list[list[int]]:
     device = net.embedding.weight.device
-    c = net.config
-    context = torch.zeros(num_samples, c.block_size, dtype=torch.long, device=device)
+    context = torch.zeros(num_samples, net.config.block_size, dtype=torch.long, device=device)
     out = torch.zeros(num_samples, max_length, dtype=torch.long, device=device)
     for t in range(max_length):
         probs = F.softmax(net(context) / temperature, dim=-1)
@@ -255,42 +266,20 @@ def generate(
         context = torch.cat([context[:, 1:], ix[:, None]], dim=1)
         if (out[:, : t + 1] == 0).any(dim=1).all():
             break
-    net.train(was_training)
-    words = []
-    for row in out.tolist():
-        word = row[: row.index(0)] if 0 in row else row
-        words.append("".join(c.vocab[i] for i in word))
-    return words
+    return [row[: row.index(0)] if 0 in row else row for row in out.tolist()]
 
 
-@torch.no_grad()
-def generate_one_at_a_time(
-    net: MLP,
-    num_samples: int,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-    max_length: int = 50,
-) -> list[str]:
-    """Sample words one after another, a character at a time, as the lecture's notebook does (cell 20): with its
-    generator, torch.Generator().manual_seed(2147483647 + 10), its names. One forward pass per character."""
-    if num_samples < 1:
-        raise UsageError(f"the number of samples must be at least 1, got {num_samples}")
-    if not temperature > 0:
-        raise UsageError(f"temperature must be positive, got {temperature}; 1.0 samples the model as trained")
-    was_training = net.training
-    net.eval()
+def _words_one_at_a_time(net: MLP, num_samples: int, temperature: float, generator, max_length: int) -> list[list[int]]:
     device = net.embedding.weight.device
-    c = net.config
     words = []
     for _ in range(num_samples):
-        context, out = [0] * c.block_size, []
-        while len(out) < max_length:
+        context, word = [0] * net.config.block_size, []
+        while len(word) < max_length:
             probs = F.softmax(net(torch.tensor([context], device=device)) / temperature, dim=1)
             ix = torch.multinomial(probs, num_samples=1, generator=generator).item()
-            context = context[1:] + [ix]
             if ix == 0:
                 break
-            out.append(ix)
-        words.append("".join(c.vocab[i] for i in out))
-    net.train(was_training)
+            word.append(ix)
+            context = context[1:] + [ix]
+        words.append(word)
     return words
