@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -87,6 +87,10 @@ class Resume:
     vocab: str
 
 
+# `--help` shows each MLPConfig field's docstring (the dataclass documents its fields under each one, as litgpt's)
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
 class MakemoreCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True):
         self._argv = list(args)
@@ -139,8 +143,10 @@ class MakemoreCLI(LightningCLI):
         checkpoint = load_checkpoint(path)
         version = version_of(path, runs)
         run_config = path.parent.parent / "config.yaml"
-        if version is not None and run_config.is_file() and not any(a.split("=")[0] == "--config" for a in args):
-            # the run's own config is the base, so `fit --ckpt_path last` continues it as it was configured
+        own_run = version is not None or subcommand != "fit"  # evaluating: a run from anywhere, with its config
+        if own_run and run_config.is_file() and not any(a.split("=")[0] == "--config" for a in args):
+            # the run's own config is the base, so `fit --ckpt_path last` continues it as it was configured, and
+            # `validate --ckpt_path <another directory's run>/...` evaluates the model it trained
             super().parse_arguments(parser, [args[0], "--config", str(run_config), *args[1:]])
             config = self.config[subcommand]
         config.ckpt_path = str(path)
@@ -171,6 +177,8 @@ class MakemoreCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.data.sampler == "notebook" and config.model.net.init_seed is None:
             raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)  # before anything is built
+        if config.data.sampler == "notebook" and _processes(config.trainer) > 1:  # before DDP starts them
+            raise UsageError("--data.sampler notebook is one stream for one process; use sampler steps with DDP")
         if config.trainer.get("sync_batchnorm") and config.model.net.bn_style != "torch":
             # Lightning swaps every BatchNorm for torch's SyncBatchNorm: the lecture's would silently become torch's
             raise UsageError(
@@ -264,6 +272,19 @@ class MakemoreCLI(LightningCLI):
                 print(name)
 
 
+def _processes(trainer) -> int:
+    """Training processes the trainer config asks for explicitly (devices 'auto' counts as 1: the DataModule
+    checks the real world size again when it builds the training stream)."""
+    devices = trainer.get("devices")
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    else:
+        text = str(devices).strip().rstrip(",")
+        count = int(text) if text.lstrip("-").isdigit() else len(text.split(",")) if "," in text else 1
+        count = max(count, 2) if count < 0 else count  # -1: every device, several on a multi-device machine
+    return count * int(trainer.get("num_nodes") or 1)
+
+
 def _refuse_changed_model(hparams: dict, given: dict, path: Path) -> None:
     """A resumed run keeps its model and optimizer: the checkpoint's state would silently win over new values."""
     expected = {f"net.{k}": v for k, v in hparams["net"].items() if k != "vocab"}
@@ -275,8 +296,9 @@ def _refuse_changed_model(hparams: dict, given: dict, path: Path) -> None:
         same = math.isclose(got, want, rel_tol=1e-12) if isinstance(want, float) else list_or(got) == list_or(want)
         if not same:
             raise UsageError(
-                f"{path} was trained with model.{key}={want!r} but this command gives {got!r}; a resumed run keeps its "
-                "model and optimizer settings: drop the override, or start a new run without --ckpt_path"
+                f"{path} was trained with model.{key}={want!r} but this command gives {got!r}; a resumed run keeps "
+                "its model and optimizer settings: drop the override (or pass the run's --config), or start a new run "
+                "without --ckpt_path"
             )
 
 

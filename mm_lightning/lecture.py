@@ -116,12 +116,14 @@ def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
     """The `diagnose` command's work, for the command and for diagnose()."""
     import lightning as L
 
+    from mm_lightning import preflight
     from mm_lightning.cli import MakemoreCLI, _quiet_noise
     from mm_lightning.errors import UsageError
 
     _quiet_noise()  # as the CLI: no warnings that say nothing about this run
     if steps < 0:
         raise UsageError(f"--steps must be 0 (at init) or more, got {steps}")
+    preflight.check_config_files(args)  # a missing or broken config: one line naming it, not a parser traceback
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     cli = MakemoreCLI(list(args), run=False)  # the same parser, config files and checks as fit
     configured: TrainingDiagnostics = cli.config_init["diagnostics"]

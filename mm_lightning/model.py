@@ -84,6 +84,8 @@ class MLPConfig:
             need(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.init == "torch" and self.bias_scale != 0:
             raise UsageError("--model.net.bias_scale has no effect with init 'torch' (PyTorch draws biases); drop it")
+        if self.bn_style != "torch" and not (self.batchnorm or self.output_batchnorm):
+            raise UsageError(f"--model.net.bn_style {self.bn_style} has no effect without batchnorm; drop it")
         if self.init_seed is not None and "torch" in (self.init, self.output_init):
             raise UsageError(
                 "--model.net.init_seed draws the notebook's init; init 'torch' is PyTorch's own: use kaiming or normal"

@@ -39,7 +39,8 @@ def check_config_files(argv: list[str]) -> None:
     for path in config_paths(argv):
         p = Path(path)
         if not p.is_file():
-            raise UsageError(f"--config {path}: no such file")
+            where = "" if p.is_absolute() else f" in {Path.cwd()}"  # (a notebook's cwd is often notebooks/)
+            raise UsageError(f"--config {path}: no such file{where}")
         raw = p.read_bytes()
         try:
             text = raw.decode("utf-8")

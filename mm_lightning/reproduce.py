@@ -143,7 +143,7 @@ def run(configs: list[Path], out: Path, jobs: int, max_steps: int | None, data_p
         steps, losses = evaluate(last, data_path)
         lecture = LECTURE.get(name, (None, None))
         sampled = sampled_losses(last.parent.parent)
-        if name in NOTEBOOK_CURVES:
+        if name in NOTEBOOK_CURVES and max_steps is None:  # (a shortened run has another learning-rate schedule)
             write_curve(name, NOTEBOOK_CURVES[name], sampled, out)
         results.append(
             Result(
@@ -156,11 +156,17 @@ def run(configs: list[Path], out: Path, jobs: int, max_steps: int | None, data_p
                 round(minutes.get(name, 0.0), 1),
             )
         )
-    write_tables(results, out)
+    shortened = None
+    if max_steps is not None:
+        shortened = (
+            f"Runs shortened to {max_steps} steps (--max_steps; the learning-rate decay scaled along): the lecture's "
+            "columns are its full-length runs, so the deltas only show the way to them."
+        )
+    write_tables(results, out, shortened)
     return results
 
 
-def write_tables(results: list[Result], out: Path) -> None:
+def write_tables(results: list[Result], out: Path, note: str | None = None) -> None:
     order = list(LECTURE)  # the lecture's steps in the lecture's order, then the rest as given
     results = sorted(results, key=lambda r: order.index(r.config) if r.config in order else len(order))
     with open(out / "results.csv", "w", newline="") as f:
@@ -180,6 +186,8 @@ def write_tables(results: list[Result], out: Path) -> None:
             f"| {r.config} | {r.steps} | {r.initial_loss:.4f} | {r.train:.4f} | {r.val:.4f} | {f4(r.lecture_train)} "
             f"| {f4(r.lecture_val)} | {fd(dt)} | {fd(dv)} |"
         )
+    if note:
+        lines += ["", note]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -97,3 +97,17 @@ def test_module_entry_point_and_console_script_agree(project):
     for sub in ("fit", "validate", "test", "predict", "sample", "download"):
         assert sub in help_text
     assert shutil.which("mm-lightning") is not None
+
+
+def test_help_shows_every_model_fields_docstring(project):
+    """litgpt-style: the MLPConfig dataclass documents each field under it, and `--help` shows that text."""
+    import dataclasses
+
+    from mm_lightning.model import MLPConfig
+
+    text = " ".join(run_cli(["fit", "--help"], project).stdout.split())
+    fields = [f.name for f in dataclasses.fields(MLPConfig) if f.name not in ("vocab", "block_size")]
+    for name in fields:
+        entry = text.split(f"--model.net.{name} ", 1)[1].split("(type:", 1)[0]
+        assert len(entry.split()) > 3, (name, entry)  # the metavar, then the field's docstring
+    assert "Multiplier of the hidden weights" in text and "Which BatchNorm:" in text

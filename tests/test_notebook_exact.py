@@ -9,6 +9,7 @@ configs/lecture/notebook_batchnorm.yaml through `reproduce` (200000 steps, marke
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from mm_lightning.data import NamesDataModule, NotebookSampler
 from mm_lightning.model import MLP, LectureBatchNorm1d, LectureFirstBatchNorm1d, MLPConfig
 from tests.conftest import ROOT, run_cli, scalars
 
-NOTEBOOK = ROOT.parent / "shared" / "refs" / "makemore_part3_bn.ipynb"
+# beside the checkout in CI (../shared/refs/), or wherever $MM_LIGHTNING_LECTURE_NOTEBOOK says
+NOTEBOOK = Path(os.environ.get("MM_LIGHTNING_LECTURE_NOTEBOOK") or ROOT.parent / "shared/refs/makemore_part3_bn.ipynb")
 DEEP = ROOT / "configs" / "lecture" / "notebook_deep.yaml"
 SEED = 2147483647  # g = torch.Generator().manual_seed(2147483647)
 
@@ -27,7 +29,7 @@ SEED = 2147483647  # g = torch.Generator().manual_seed(2147483647)
 def stored_output(marker: str) -> list[str]:
     """The printed lines of the notebook's code cell whose source contains `marker`."""
     if not NOTEBOOK.is_file():
-        pytest.skip(f"the lecture's notebook is not at {NOTEBOOK}")
+        pytest.skip(f"the lecture's notebook is not at {NOTEBOOK}; set MM_LIGHTNING_LECTURE_NOTEBOOK")
     cells = json.loads(NOTEBOOK.read_text())["cells"]
     cell = next(c for c in cells if c["cell_type"] == "code" and marker in "".join(c["source"]))
     text = "".join("".join(o.get("text", "")) for o in cell["outputs"] if o.get("output_type") == "stream")
@@ -147,6 +149,25 @@ def test_notebook_sampler_needs_the_models_generator(project):
     assert not list(project.glob("lightning_logs/version_*"))  # nothing claimed
     proc = run_cli(["fit", "--model.net.init_seed", "1", "--model.net.init", "torch"], project, check=False)
     assert proc.returncode == 2 and "use kaiming or normal" in proc.stderr
+    # two processes: refused before DDP starts them
+    args = ["fit", "--config", str(DEEP), "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    proc = run_cli(args, project, check=False)
+    assert proc.returncode == 2 and "use sampler steps with DDP" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = run_cli(
+        [
+            "fit",
+            "--model.net.bn_style",
+            "lecture",
+            "--model.net.batchnorm",
+            "false",
+            "--model.net.output_batchnorm",
+            "false",
+        ],
+        project,
+        check=False,
+    )
+    assert proc.returncode == 2 and "has no effect without batchnorm" in proc.stderr
+    assert not list(project.glob("lightning_logs/version_*"))
     # SyncBatchNorm would silently replace the lecture's BatchNorm with torch's
     proc = run_cli(["fit", "--model.net.bn_style", "lecture", "--trainer.sync_batchnorm", "true"], project, check=False)
     assert proc.returncode == 2 and "use bn_style torch with it" in proc.stderr and proc.stderr.count("\n") == 1
@@ -227,6 +248,13 @@ def test_cell_20_names_sampled_one_at_a_time(deep_run):
     assert parallel != proc.stdout.split()  # all at once draws in another order: only one at a time is the notebook's
 
 
+def test_validate_a_notebook_run_from_another_directory(deep_run, tmp_path, names_file):
+    """The run's own config.yaml is the base for evaluating it, wherever the command runs."""
+    ckpt = deep_run / "checkpoints" / "last.ckpt"
+    proc = run_cli(["validate", "--ckpt_path", str(ckpt), "--data.path", str(names_file)], tmp_path)
+    assert "2.3982" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_the_notebooks_batchnorm_folds_like_torchs(deep_run, names_file):
     from mm_lightning.fold import fold_batchnorm
     from mm_lightning.runs import checkpoint_net, load_checkpoint
@@ -280,3 +308,12 @@ def test_cells_7_and_10_the_single_layer_run(tmp_path, names_file):
     assert ours[0] == printed[0]  # step 0: the same init and minibatch, so the same loss
     # the same trajectory: each point to its 4 printed decimals, up to the last digit of a value on a rounding edge
     assert all(abs(a - b) <= 1.5e-4 for a, b in zip(ours, printed, strict=True)), ours
+
+
+def test_the_api_names_a_missing_config_in_one_line(tmp_path, monkeypatch):
+    from mm_lightning.errors import UsageError
+    from mm_lightning.lecture import diagnose
+
+    monkeypatch.chdir(tmp_path)  # e.g. Jupyter started in notebooks/, a path relative to the project's root
+    with pytest.raises(UsageError, match=f"configs/lecture/notebook_deep.yaml: no such file in {tmp_path}"):
+        diagnose("configs/lecture/notebook_deep.yaml", steps=1000)

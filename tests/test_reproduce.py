@@ -23,6 +23,7 @@ def test_reproduce_writes_the_table_in_the_lectures_order(project):
     assert all(int(r["steps"]) == 60 for r in rows)
     assert float(rows[0]["initial_loss"]) > 20 > 4 > float(rows[1]["initial_loss"])  # confidently wrong, then fixed
     assert float(rows[0]["lecture_train"]) == 2.1245
+    assert "Runs shortened to 60 steps" in (project / "out" / "results.md").read_text()  # said beside the table
     assert "| original | 60 |" in (project / "out" / "results.md").read_text()
 
 

@@ -255,6 +255,9 @@ def _moments(x: torch.Tensor, robust: bool) -> torch.Tensor:
     return torch.stack([n, flat.sum(1).to(torch.float64), squares, bad])
 
 
+CONSTANT_REL_STD = 1e-6  # a parameter whose std is below this fraction of its mean is constant (float32 eps ~1.2e-7)
+
+
 class _Params:
     """Parameters, their gradients and updates: identical on every DDP process (DDP averages gradients before the
     step), so not reduced. Their mean and std come from one var_mean per run of same-shaped parameters, reading
@@ -293,11 +296,14 @@ class _Params:
         for i, name in enumerate(self.p.names):
             data_std, delta_std, grad_std = std[i], std[k + i], std[2 * k + i]
             grad_mean = mean[2 * k + i]
-            ratio = grad_std / data_std if data_std > 0 else None
+            # constant up to float32 rounding (a fresh BatchNorm beta, gamma, or gamma x 0.1, whose float32 mean is
+            # not exactly 0.1: a std of ~1e-8): the ratios are undefined, not 1e5
+            constant = data_std <= CONSTANT_REL_STD * abs(mean[i])
+            ratio = grad_std / data_std if data_std > 0 and not constant else None
             if not (math.isfinite(data_std) and math.isfinite(delta_std)):
                 update = math.nan
-            elif data_std == 0:
-                update = None  # undefined while a parameter is constant (a fresh BatchNorm gamma or beta)
+            elif constant:
+                update = None  # undefined while a parameter is constant
             else:
                 update = math.log10(delta_std / data_std) if delta_std > 0 else -math.inf
             out.append(ParamStats(name, self.p.shapes[i], data_std, grad_mean, grad_std, ratio, update))
