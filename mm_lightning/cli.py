@@ -34,7 +34,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mm_lightning import preflight
-from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, NOTEBOOK_NEEDS_INIT_SEED, NamesDataModule, download_names
+from mm_lightning.data import (
+    DEFAULT_PATH,
+    NAMES_SHA256,
+    NOTEBOOK_NEEDS_INIT_SEED,
+    NOTEBOOK_ONE_PROCESS,
+    NamesDataModule,
+    download_names,
+)
 from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
 from mm_lightning.errors import UsageError
 from mm_lightning.fastpath import FastPath
@@ -178,7 +185,7 @@ class MakemoreCLI(LightningCLI):
         if config.data.sampler == "notebook" and config.model.net.init_seed is None:
             raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)  # before anything is built
         if config.data.sampler == "notebook" and _processes(config.trainer) > 1:  # before DDP starts them
-            raise UsageError("--data.sampler notebook is one stream for one process; use sampler steps with DDP")
+            raise UsageError(NOTEBOOK_ONE_PROCESS)
         if config.trainer.get("sync_batchnorm") and config.model.net.bn_style != "torch":
             # Lightning swaps every BatchNorm for torch's SyncBatchNorm: the lecture's would silently become torch's
             raise UsageError(

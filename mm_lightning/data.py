@@ -196,6 +196,7 @@ NOTEBOOK_NEEDS_INIT_SEED = (
     "--data.sampler notebook continues the generator of the model's init; "
     "set --model.net.init_seed too (the notebook's is 2147483647)"
 )
+NOTEBOOK_ONE_PROCESS = "--data.sampler notebook is one stream for one process; use sampler steps with DDP"
 
 
 class NotebookSampler:
@@ -372,9 +373,9 @@ class NamesDataModule(L.LightningDataModule):
         per_step = trainer.accumulate_grad_batches if trainer is not None else 1
         if self.sampler == "notebook":
             if self.init_generator_state is None:
-                self.follow_init_generator(None)  # (raises: nothing to continue from)
+                raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)
             if trainer is not None and trainer.world_size > 1:
-                raise UsageError("--data.sampler notebook is one stream for one process; use sampler steps with DDP")
+                raise UsageError(NOTEBOOK_ONE_PROCESS)
             sampler = NotebookSampler(len(y), self.batch_size, self.init_generator_state)
         else:
             sampler = StepSampler(len(y), self.batch_size, self.seed, rank)
