@@ -142,35 +142,24 @@ def test_notebook_sampler_is_one_stream_for_one_process(names_file):
         data.train_dataloader()
 
 
-def test_notebook_sampler_needs_the_models_generator(project):
-    proc = run_cli(["fit", "--data.sampler", "notebook", "--trainer.max_steps", "1"], project, check=False)
-    assert proc.returncode == 2
-    assert "set --model.net.init_seed" in proc.stderr and proc.stderr.count("\n") == 1
-    assert not list(project.glob("lightning_logs/version_*"))  # nothing claimed
-    proc = run_cli(["fit", "--model.net.init_seed", "1", "--model.net.init", "torch"], project, check=False)
-    assert proc.returncode == 2 and "use kaiming or normal" in proc.stderr
+def test_what_the_notebook_options_cannot_honour_is_refused_in_one_line(project):
+    def refused(*args: str) -> str:
+        proc = run_cli(["fit", *args, "--trainer.max_steps", "1"], project, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert not list(project.glob("lightning_logs/version_*"))  # refused before a run directory is claimed
+        return proc.stderr
+
+    assert "set --model.net.init_seed" in refused("--data.sampler", "notebook")
+    assert "use kaiming or normal" in refused("--model.net.init_seed", "1", "--model.net.init", "torch")
     # two processes: refused before DDP starts them
-    args = ["fit", "--config", str(DEEP), "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    proc = run_cli(args, project, check=False)
-    assert proc.returncode == 2 and "use sampler steps with DDP" in proc.stderr and proc.stderr.count("\n") == 1
-    proc = run_cli(
-        [
-            "fit",
-            "--model.net.bn_style",
-            "lecture",
-            "--model.net.batchnorm",
-            "false",
-            "--model.net.output_batchnorm",
-            "false",
-        ],
-        project,
-        check=False,
-    )
-    assert proc.returncode == 2 and "has no effect without batchnorm" in proc.stderr
-    assert not list(project.glob("lightning_logs/version_*"))
+    two = ("--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    assert "use sampler steps with DDP" in refused("--config", str(DEEP), *two)
+    no_bn = ("--model.net.batchnorm", "false", "--model.net.output_batchnorm", "false")
+    assert "has no effect without batchnorm" in refused("--model.net.bn_style", "lecture", *no_bn)
     # SyncBatchNorm would silently replace the lecture's BatchNorm with torch's
-    proc = run_cli(["fit", "--model.net.bn_style", "lecture", "--trainer.sync_batchnorm", "true"], project, check=False)
-    assert proc.returncode == 2 and "use bn_style torch with it" in proc.stderr and proc.stderr.count("\n") == 1
+    assert "use bn_style torch with it" in refused(
+        "--model.net.bn_style", "lecture", "--trainer.sync_batchnorm", "true"
+    )
 
 
 # -------------------------------------------------------------------- the deep network, through the real commands
