@@ -27,7 +27,7 @@ from mm_lightning.model import MLP
 @torch.no_grad()
 def fold_batchnorm(net: MLP) -> MLP:
     """A copy of net without BatchNorm layers, each folded into the Linear before it (see the module docstring)."""
-    config = dataclasses.replace(net.config, batchnorm=False, output_batchnorm=False)
+    config = dataclasses.replace(net.config, batchnorm=False, output_batchnorm=False, bn_style="torch")
     folded = MLP(config)
     folded.embedding.weight.copy_(net.embedding.weight)
     source = list(net.layers)
@@ -59,7 +59,7 @@ def fold_checkpoint(checkpoint: dict) -> dict:
     keep = ("epoch", "global_step", "pytorch-lightning_version", "datamodule_hyper_parameters")
     out = {k: checkpoint[k] for k in keep if k in checkpoint}
     out["state_dict"] = state
-    out["hyper_parameters"] = {**hparams, "net": {**hparams["net"], "batchnorm": False, "output_batchnorm": False}}
+    out["hyper_parameters"] = {**hparams, "net": dataclasses.asdict(folded.config)}  # the folded model's own
     return out
 
 

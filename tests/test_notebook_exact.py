@@ -244,6 +244,13 @@ def test_validate_a_notebook_run_from_another_directory(deep_run, tmp_path, name
     assert "2.3982" in proc.stdout, proc.stdout[-2000:]
 
 
+def test_a_folded_notebook_checkpoint_samples_the_notebooks_names(deep_run, tmp_path):
+    folded, trained = tmp_path / "folded.ckpt", deep_run / "checkpoints" / "last.ckpt"
+    run_cli(["fold-batchnorm", "--ckpt_path", str(trained), "--out", str(folded)], tmp_path)
+    proc = run_cli(["sample", "--ckpt_path", str(folded), "--one_at_a_time", "--seed", str(SEED + 10)], tmp_path)
+    assert proc.stdout.split() == [name.removesuffix(".") for name in stored_output("sample from the model")]
+
+
 def test_the_notebooks_batchnorm_folds_like_torchs(deep_run, names_file):
     from mm_lightning.fold import fold_batchnorm
     from mm_lightning.runs import checkpoint_net, load_checkpoint
