@@ -18,7 +18,7 @@ from mm_lightning.fastpath import FastPath
 from mm_lightning.graphed import GraphedSGDStep
 from mm_lightning.model import MLP, MLPConfig
 from mm_lightning.module import MakemoreModule
-from tests.conftest import scalars
+from tests.conftest import flat_tag, scalars
 from tests.test_reliability import FAST, NO_BN, _fit, _last, _same_state
 
 VOCAB = ".abcdefghijklmnopqrstuvwxyz"
@@ -129,8 +129,8 @@ def test_graphed_training_matches_eager(project, monkeypatch):
     for tag in (
         "train/loss",
         "val/loss",
-        "layers/net.layers.2:1 activations/std",
-        "params/net.layers.0.weight:4 updates/log10 update:data",
+        flat_tag("act/std/net.layers.2"),
+        flat_tag("update/log10_ratio/net.layers.0.weight"),
     ):
         steps = [s for s, _ in runs[0][tag]]
         assert steps == [s for s, _ in runs[1][tag]], tag  # the same cadence: diagnostics sampled alike

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mm_lightning.cli import MakemoreCLI
 from mm_lightning.data import StepSampler
-from tests.conftest import SMALL, run_cli, scalars
+from tests.conftest import SMALL, flat_tag, run_cli, scalars
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 pytestmark = pytest.mark.slow
@@ -25,8 +25,8 @@ def test_ddp_writes_once_and_resumes(project):
     assert len(events) == 2 and sum(e.endswith(".figures") for e in events) == 1  # rank 0 and its figures worker
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
-    layer = scalars(run)["layers/net.layers.2:1 activations/std"]
-    assert [s for s, _ in layer] == [0, 100]  # diagnostics logged once per step, in the layer's run
+    layer = scalars(run)[flat_tag("act/std/net.layers.2")]
+    assert [s for s, _ in layer] == [0, 100]  # diagnostics logged once per step, in the run itself
     assert [e.step for e in acc.Scalars("val/loss")] == [100, 200]
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.suffix == ".ckpt")[-1] == "last.ckpt"
     proc = run_cli(["fit", *DDP, "--trainer.max_steps", "300", "--ckpt_path", "last", *root], cwd=project)

@@ -20,7 +20,7 @@ from mm_lightning.diagnostics.callback import TrainingDiagnostics, custom_scalar
 from mm_lightning.diagnostics.snapshot import LayerStats, ParamStats, Snapshot
 from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, summarize
 from mm_lightning.diagnostics.verdicts import HealthThresholds, judge
-from tests.conftest import SMALL, flat_tag, free_port, scalars
+from tests.conftest import SMALL, flat_tag, free_port, scalars, tb_tags
 
 NO_BN = ["--model.net.batchnorm", "false", "--model.net.output_batchnorm", "false"]
 
@@ -170,17 +170,20 @@ def test_fit_writes_every_diagnostic_to_tensorboard(project, monkeypatch):
     for layer in tanh:
         for family in ("act/mean", "act/std", "act/saturation", "act/dead", "grad/mean", "grad/std"):
             assert [s for s, _ in logged[flat_tag(f"{family}/{layer}")]] == [0, 100, 200]
-        assert 0.4 < logged[f"layers/{layer}:1 activations/std"][0][1] < 0.9
-        assert all(0 <= v <= 100 for _, v in logged[f"layers/{layer}:1 activations/saturated %"])
+        assert 0.4 < logged[flat_tag(f"act/std/{layer}")][0][1] < 0.9
+        assert all(0 <= v <= 100 for _, v in logged[flat_tag(f"act/saturation/{layer}")])
         assert f"act_hist/{layer}" in tags["histograms"] and f"grad_hist/{layer}" in tags["histograms"]
     for w in weights:
         assert flat_tag(f"weight/grad_data_ratio/{w}") in logged and f"weight_grad_hist/{w}" in tags["histograms"]
-        assert all(-6 < v < 0 for _, v in logged[f"params/{w}:4 updates/log10 update:data"])
-    assert "params/net.layers.1.weight:4 updates/log10 update:data" in logged  # BN gamma: once it has moved
-    assert [v for _, v in logged["reference 1e-3:4 updates/log10 update:data"]] == [-3.0] * 3
+        assert all(-6 < v < 0 for _, v in logged[flat_tag(f"update/log10_ratio/{w}")])
+    # BN gamma (once it has moved) is no weight of the lecture's plot: with biases, under "5 more"
+    assert "5 more/log10 update:data (guide -3) · net.layers.1.weight" in logged
     assert all(v == 0.0 for _, v in logged["health/saturation"])
-    # one run per layer: TensorBoard colours lines by run, so each chart shows every layer in its own colour
-    assert {k.split(":")[0] for k in logged if k.startswith("layers/")} == {f"layers/{n}" for n in tanh}
+    # one run per fit (no sub-runs: TensorBoard selects none past ~40), a chart per layer, numbered by depth
+    written = tb_tags(run)
+    assert not [p for p in run.iterdir() if p.is_dir() and p.name != "checkpoints"]
+    std_charts = sorted(t for t in written if t.startswith("1 activations/output std · "))
+    assert std_charts == [f"1 activations/output std · {i:02d} {n}" for i, n in enumerate(tanh, 1)]
     assert not any("/" in tag and tag.split("/")[0] in ("act", "grad", "weight", "update") for tag in logged)
     hist = acc.Histograms(f"act_hist/{tanh[0]}")[0].histogram_value
     assert hist.num == 32 * 100 and hist.min == -1.0 and hist.max == 1.0
@@ -192,7 +195,7 @@ def test_fit_writes_every_diagnostic_to_tensorboard(project, monkeypatch):
 
     layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {c.title: [list(ch.multiline.tag) for ch in c.chart] for c in layout.category}
-    assert charts["4 updates"] == [["4 updates/log10 update:data"]]
+    assert list(charts)[0] == "loss" and charts["loss"] == [[".*loss.*"]]  # the loss first, every loss tag
     assert set(charts) == set(custom_scalars_layout())
 
 
@@ -205,7 +208,7 @@ def test_diagnostics_do_not_change_training(project, monkeypatch):
     a = torch.load(on / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(off / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not any(k.startswith("layers/") for k in scalars(off))
+    assert not any(k.startswith(("1 activations/", "2 updates/")) for k in scalars(off))
 
 
 # ------------------------------------------------------------------------------------------- any LightningModule
@@ -255,10 +258,10 @@ def test_callback_on_another_lightning_module(tmp_path):
     trainer.fit(model, loader)
     tags = scalars(tmp_path / "relu" / "version_0")
     assert {flat_tag(t) for t in ("act/dead/net.1", "act/dead/net.3", "act/std/net.1", "grad/std/net.3")} <= set(tags)
-    assert not any(t.endswith(":1 activations/saturated %") for t in tags)  # ReLU is not bounded: no saturation
-    assert [s for s, _ in tags["layers/net.1:1 activations/std"]] == [0, 5, 10]
+    assert not any(t.startswith("1 activations/saturated %") for t in tags)  # ReLU is not bounded: no saturation
+    assert [s for s, _ in tags[flat_tag("act/std/net.1")]] == [0, 5, 10]
     for step in (0, 5, 10):  # Adam's update is not lr * grad: the logged ratio is the real measured change
-        logged = [v for s, v in tags["params/net.0.weight:4 updates/log10 update:data"] if s == step][0]
+        logged = [v for s, v in tags[flat_tag("update/log10_ratio/net.0.weight")] if s == step][0]
         assert logged == pytest.approx(model.changes[step]["net.0.weight"], abs=1e-4)
     assert diagnostics.last_snapshot.step == 10
 
@@ -402,7 +405,7 @@ def test_the_worker_process_computes_what_the_training_process_would(project, mo
     runs = [scalars(project / d / "lightning_logs" / "version_0") for d in ("worker", "inline")]
     diag = [t for t in runs[1] if ":" in t or t.startswith("health/")]
     assert len(diag) > 20 and {t: runs[0][t] for t in diag} == {t: runs[1][t] for t in diag}
-    assert [s for s, _ in runs[0]["layers/net.layers.2:1 activations/std"]] == [
+    assert [s for s, _ in runs[0][flat_tag("act/std/net.layers.2")]] == [
         0,
         50,
         100,
@@ -431,7 +434,7 @@ def test_a_dead_worker_process_leaves_the_statistics_inline(project, monkeypatch
     err = capsys.readouterr().err
     assert "[diagnostics] the figures worker process stopped (exit code 1) before drawing step(s) 0" in err
     run = project / "runs" / "lightning_logs" / "version_0"
-    assert [s for s, _ in scalars(run)["layers/net.layers.2:1 activations/std"]] == [
+    assert [s for s, _ in scalars(run)[flat_tag("act/std/net.layers.2")]] == [
         0,
         50,
         100,
@@ -447,10 +450,7 @@ def test_a_dead_statistics_worker_leaves_the_statistics_inline(project, monkeypa
     args = ["fit", "--trainer.max_steps", "150", *SMALL, "--data.steps_per_epoch", "150"]
     assert main([*args, "--diagnostics.every_n_steps", "50", "--trainer.default_root_dir", "runs"]) == 0
     assert "[diagnostics] the stats worker process stopped (exit code 1)" in capsys.readouterr().err
-    steps = [
-        s
-        for s, _ in scalars(project / "runs" / "lightning_logs" / "version_0")["layers/net.layers.2:1 activations/std"]
-    ]
+    steps = [s for s, _ in scalars(project / "runs" / "lightning_logs" / "version_0")[flat_tag("act/std/net.layers.2")]]
     assert steps in ([50, 100], [0, 50, 100])  # only what the dead worker never answered (step 0) may be lost
 
 
@@ -535,7 +535,7 @@ def test_the_package_works_copied_into_another_project(tmp_path):
     from tests.conftest import scalars
 
     tags = scalars(next((tmp_path / "logs").glob("lightning_logs/version_0")))
-    assert [s for s, _ in tags["layers/layers.1:1 activations/std"]] == [0, 5, 10]
+    assert [s for s, _ in tags[flat_tag("act/std/layers.1")]] == [0, 5, 10]
 
 
 def test_a_bad_argument_names_the_python_argument_and_the_cli_its_option(project, monkeypatch, capsys):

@@ -18,7 +18,7 @@ from mm_lightning.diagnostics.callback import TrainingDiagnostics
 from mm_lightning.fastpath import FastPath
 from mm_lightning.model import MLPConfig
 from mm_lightning.module import MakemoreModule
-from tests.conftest import run_cli, scalars
+from tests.conftest import flat_tag, run_cli, scalars
 from tests.test_reliability import _fit, _last, _same_state
 
 NET = MLPConfig(n_hidden=16, n_layers=2)
@@ -143,8 +143,8 @@ def test_a_checkpoint_of_one_path_resumes_exactly_on_the_other(project, monkeypa
     for tag in (
         "train/loss",
         "train/lr",
-        "layers/net.layers.2:1 activations/std",
-        "reference 1e-3:4 updates/log10 update:data",
+        flat_tag("act/std/net.layers.2"),
+        flat_tag("update/log10_ratio/net.layers.0.weight"),
     ):
         assert split[tag] == whole[tag], tag  # the same points at the same steps
     assert [p for p in split["val/loss"] if p[0] != 130] == whole["val/loss"]  # + the first part's last validation

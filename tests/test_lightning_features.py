@@ -16,7 +16,7 @@ from mm_lightning.cli import main
 from mm_lightning.data import NamesDataModule
 from mm_lightning.model import MLPConfig
 from mm_lightning.module import MakemoreModule
-from tests.conftest import scalars
+from tests.conftest import flat_tag, scalars
 from tests.reference import reference_run, split_loss
 
 NET = MLPConfig(n_hidden=16, n_layers=2)
@@ -114,12 +114,12 @@ def test_mixed_precision_on_cpu_with_the_default_diagnostics(project, names_file
     ref = reference_run(str(names_file), 60, NET, autocast=torch.bfloat16, threads=1)
     _assert_states(_net_state(checkpoint), ref.net.state_dict(), exact=False)
     tags = scalars(project / "run" / "lightning_logs" / "version_0")
-    assert [s for s, _ in tags["layers/net.layers.2:1 activations/std"]] == [
+    assert [s for s, _ in tags[flat_tag("act/std/net.layers.2")]] == [
         0,
         20,
         40,
     ]  # the diagnostics measured, in float32
-    assert all(math.isfinite(v) and v > 0 for _, v in tags["layers/net.layers.2:1 activations/std"])
+    assert all(math.isfinite(v) and v > 0 for _, v in tags[flat_tag("act/std/net.layers.2")])
 
 
 def test_val_check_interval_counts_optimizer_steps(project, names_file, monkeypatch):

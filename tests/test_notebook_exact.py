@@ -18,7 +18,7 @@ import torch
 
 from mm_lightning.data import NamesDataModule, NotebookSampler
 from mm_lightning.model import MLP, LectureBatchNorm1d, LectureFirstBatchNorm1d, MLPConfig
-from tests.conftest import ROOT, run_cli, scalars
+from tests.conftest import ROOT, flat_tag, run_cli, scalars
 
 # beside the checkout in CI (../shared/refs/), or wherever $MM_LIGHTNING_LECTURE_NOTEBOOK says
 NOTEBOOK = Path(os.environ.get("MM_LIGHTNING_LECTURE_NOTEBOOK") or ROOT.parent / "shared/refs/makemore_part3_bn.ipynb")
@@ -179,9 +179,9 @@ def test_cell_14_and_15_step_0_loss_and_activation_table(deep_run):
     assert f"{0:7d}/{200000:7d}: {dict(logged['sampled/loss'])[0]:.4f}" == stored_output("ud.append")[0]
     printed = stored_output("saturated: %.2f%%")
     for line, layer in zip(printed, (2, 5, 8, 11, 14), strict=True):
-        run = f"layers/net.layers.{layer}:"
-        mean, std = at(run + "5 more/activation mean"), at(run + "1 activations/std")
-        ours = f"mean {mean:+.2f}, std {std:.2f}, saturated: {at(run + '1 activations/saturated %'):.2f}%"
+        name = f"net.layers.{layer}"
+        mean, std = at(flat_tag(f"act/mean/{name}")), at(flat_tag(f"act/std/{name}"))
+        ours = f"mean {mean:+.2f}, std {std:.2f}, saturated: {at(flat_tag(f'act/saturation/{name}')):.2f}%"
         assert line.endswith(ours), (line, ours)
 
 
@@ -189,10 +189,10 @@ def test_cell_16_output_gradient_table(deep_run):
     logged = scalars(deep_run)
     at = lambda tag: dict(logged[tag])[1000]  # noqa: E731
     for line, layer in zip(stored_output("t = layer.out.grad"), (2, 5, 8, 11, 14), strict=True):
-        run = f"layers/net.layers.{layer}:"
+        name = f"net.layers.{layer}"
         # the means are round-off around 0 (~1e-11: BatchNorm's gradient sums to zero), so their printed sign is
         # the sign of round-off: the notebook's own code run on this machine prints other signs. Digits only.
-        mean, std = at(run + "5 more/output-gradient mean"), at(run + "2 gradients/output-gradient std")
+        mean, std = at(flat_tag(f"grad/mean/{name}")), at(flat_tag(f"grad/std/{name}"))
         ours = f"mean {abs(mean):f}, std {std:e}"
         assert line.replace("mean -", "mean ").replace("mean +", "mean ").endswith(ours), (line, ours)
 
@@ -211,14 +211,13 @@ def test_cell_17_weight_gradient_table(deep_run):
         rows, cols, mean, std, ratio = re.fullmatch(pattern, line.strip()).groups()
         p = weights[name] if name == "net.embedding.weight" else weights[name].T  # the notebook's (fan_in, fan_out)
         assert tuple(p.shape) == (int(rows), int(cols))
-        run = f"params/{name}:"
-        grad_mean = at(run + "5 more/weight-gradient mean")
+        grad_mean = at(flat_tag(f"weight/grad_mean/{name}"))
         assert f"{grad_mean:+f}" == mean or (float(mean) == 0 and abs(grad_mean) < 5e-7)  # (a round-off zero's sign)
-        grad_std = at(run + "5 more/weight-gradient std")
+        grad_std = at(flat_tag(f"weight/grad_std/{name}"))
         assert grad_std == pytest.approx(float(std), rel=1e-6)
         assert grad_std / p.std().item() == pytest.approx(float(ratio), rel=1e-6)
         # step 1000's update moves std(weights) by up to 7e-5 (relative) here: the diagnostics' ratio is that close
-        assert at(run + "3 weight gradients/grad:data") == pytest.approx(float(ratio), rel=1e-4)
+        assert at(flat_tag(f"weight/grad_data_ratio/{name}")) == pytest.approx(float(ratio), rel=1e-4)
 
 
 def test_cell_19_split_losses_to_the_last_digit(deep_run, names_file):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mm_lightning.stories import STORIES, main
-from tests.conftest import scalars
+from tests.conftest import tb_tags
 
 
 @pytest.mark.slow
@@ -15,8 +15,8 @@ def test_stories_draw_one_picture_per_diagnostic_and_a_run_per_story(names_file,
         assert (tmp_path / f"{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stds = {}
     for name in STORIES:  # one TensorBoard run per story under one log directory: TensorBoard overlays them
-        logged = scalars(tmp_path / name / "lightning_logs" / "version_0")
-        stds[name] = [v for _, v in sorted((k, p[0][1]) for k, p in logged.items() if k.endswith(":1 activations/std"))]
+        logged = tb_tags(tmp_path / name / "lightning_logs" / "version_0")  # tags numbered by depth: sorted, in order
+        stds[name] = [p[0][1] for k, p in sorted(logged.items()) if k.startswith("1 activations/output std · ")]
         assert len(stds[name]) == 5, name
     assert min(stds["deep_nobn_gain1"]) < 0.35 < 0.6 < max(stds["deep_nobn_gain1"])  # shrinking layer by layer
     for name in ("deep_bn_gain1", "deep_bn_gain3"):  # with BatchNorm the gain does not matter (but for BN's eps)

@@ -24,7 +24,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from . import figures, tbwrite
-from .outputs import custom_scalars_layout, flat_scalars, snapshot_histograms, snapshot_scalars, snapshot_series
+from .outputs import (
+    custom_scalars_layout,
+    flat_scalars,
+    snapshot_histograms,
+    snapshot_scalars,
+    snapshot_series,
+    tensorboard_scalars,
+)
 from .select import Watched, chosen_layers, default_layers, describe, groups
 from .stats import CapturedLayer, CapturedParams, Snapshot, summarize
 from .verdicts import CHECKS, HealthThresholds, Verdict, judge
@@ -172,7 +179,7 @@ class TrainingDiagnostics(Callback):
         self._samples = 0  # sampled steps so far in this fit
         self._figure_jobs: list[tuple] = []  # figures asked for before the figures worker starts
         self._finishing: list[Worker] = []  # workers drawing its last figures after fit (see wait())
-        self._runs: tbwrite.RunFiles | None = None  # the per-layer runs (see outputs.py), TensorBoard only
+        self._depth: dict[str, int] = {}  # each watched layer's and parameter's position: TensorBoard tags sort by it
         self._writers: dict = {}  # TensorBoard event files of figures drawn in this process
         self._running: tuple[L.Trainer, L.LightningModule] | None = None  # for state_dict(), which gets neither
 
@@ -192,6 +199,8 @@ class TrainingDiagnostics(Callback):
                 )
         group = groups(pl_module, [n for n, _ in chosen])
         self.watched = [Watched(n, m, group[n]) for n, m in chosen]
+        self._depth = {w.name: i for i, w in enumerate(self.watched)}
+        self._depth |= {name: i for i, (name, _) in enumerate(pl_module.named_parameters())}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._running = (trainer, pl_module)
@@ -203,8 +212,6 @@ class TrainingDiagnostics(Callback):
         writer = self._writer(trainer)
         if writer is not None:
             writer.add_custom_scalars(custom_scalars_layout())
-            if trainer.is_global_zero:  # a resumed run: what a killed process logged from here on is dropped
-                self._runs = tbwrite.RunFiles(self._figure_destination(trainer)[1], trainer.global_step or None)
         self._samples, self._figure_jobs = 0, []
 
     def _say_what_is_watched(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -464,9 +471,6 @@ class TrainingDiagnostics(Callback):
         for writer in self._writers.values():
             writer.close()
         self._writers = {}
-        if self._runs is not None:
-            self._runs.close()
-            self._runs = None
 
     def wait(self, timeout: float = 60.0) -> bool:
         """Wait up to timeout seconds for the figures still being drawn after fit returned (the worker writes them
@@ -513,7 +517,7 @@ class TrainingDiagnostics(Callback):
                 self._log_figures(trainer, s)
 
     def _log(self, trainer: L.Trainer, s: Snapshot, verdicts: list[Verdict]) -> None:
-        """Scalars to every logger (in TensorBoard, per-layer numbers in the layers' runs: see outputs.py);
+        """Scalars to every logger (in TensorBoard, a chart per layer in the run itself: see outputs.py);
         histograms and the verdicts' text to TensorBoard; new failures to stderr."""
         health = {}
         for check in CHECKS:
@@ -523,9 +527,8 @@ class TrainingDiagnostics(Callback):
         writer = self._writer(trainer)
         for logger in trainer.loggers:
             if writer is not None and isinstance(logger, TensorBoardLogger) and logger.experiment is writer:
-                tbwrite.add_scalars(writer, {**snapshot_scalars(s), **health}, s.step)  # one event for all
-                if self._runs is not None:
-                    self._runs.add_scalars(snapshot_series(s), s.step)
+                scalars = {**snapshot_scalars(s), **tensorboard_scalars(s, self._depth), **health}
+                tbwrite.add_scalars(writer, scalars, s.step)  # one event for all
             else:
                 logger.log_metrics({**flat_scalars(s), **health}, step=s.step)
         if writer is not None:

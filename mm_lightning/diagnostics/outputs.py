@@ -1,12 +1,16 @@
-"""What a Snapshot becomes in a logger: per-layer series, flat scalar tags, histograms, the Custom Scalars layout.
+"""What a Snapshot becomes in a logger: flat scalar tags, TensorBoard's one-run tags, histograms, Custom Scalars.
 
-TensorBoard colours lines by run, not by tag. So in TensorBoard each layer and each parameter is a run of its
-own (a subdirectory of the run: `layers/<layer>`, `params/<parameter>`, as `SummaryWriter.add_scalars` does), and
-each chart holds one quantity for every layer, in distinct colours, with the layer's name in the legend. The
-chart names start with the lecture's figure numbers, so the informative ones come first (TensorBoard sorts them
-by name): "1 activations/std", "1 activations/saturated %", "2 gradients/...", "3 weight gradients/grad:data",
-"4 updates/log10 update:data" (with a "reference 1e-3" run); means and dead units under "5 more". Loggers without
-runs (CSV, MLflow, W&B) get the same numbers as flat tags: "act/std/<layer>", "update/log10_ratio/<parameter>".
+Loggers without runs (CSV, MLflow, W&B) get flat tags: "act/std/<layer>", "update/log10_ratio/<parameter>".
+
+TensorBoard gets everything in the fit's own run (no sub-runs: TensorBoard selects no run at all once a log
+directory holds more than ~40, and a run per layer reached that after two fits). Each per-layer quantity is one
+chart per layer, "<group>/<quantity> · <NN> <layer>", NN the layer's depth (its position in the model), so charts
+sort by depth and each line of a chart is one fit (compare runs layer by layer); the lecture's four figures are
+the all-layers overview (Images). TensorBoard opens the first two groups (in its natural sort of the tags), so the
+groups are numbered by what a user reads first: "1 activations", "2 updates" (weights: the lecture's plot, its
+1e-3 guide in the chart's name), "3 gradients", "4 weight gradients"; the charts that are flat or round-off on a
+healthy net (dead units 0%, the output-gradient mean ±1e-11 behind BatchNorm), means, and biases' and BatchNorm's
+updates go to "5 more", last and closed until clicked.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ REFERENCE_RUN = "reference 1e-3"  # the lecture's 1e-3 line, a run of its own in
 
 
 def snapshot_series(s: Snapshot) -> dict[str, dict[str, float]]:
-    """{run: {chart tag: value}}: one run per layer ("layers/<name>") and per parameter ("params/<name>")."""
+    """{"layers/<name>" or "params/<name>": {chart tag: value}}: each layer's and parameter's numbers, which
+    flat_scalars and tensorboard_scalars name each their way."""
     out: dict[str, dict[str, float]] = {}
     for x in s.layers:
         d = out[f"layers/{x.name}"] = {"1 activations/std": x.std}
@@ -76,6 +81,40 @@ def flat_scalars(s: Snapshot) -> dict[str, float]:
     return out
 
 
+GUIDE = "log10 update:data (guide -3)"
+TENSORBOARD = {  # the chart tag inside snapshot_series -> its TensorBoard quantity
+    "1 activations/std": "1 activations/output std",
+    "1 activations/saturated %": "1 activations/saturated %",
+    "2 gradients/output-gradient std": "3 gradients/output-gradient std",
+    "3 weight gradients/grad:data": "4 weight gradients/grad:data",
+    "4 updates/log10 update:data": f"2 updates/{GUIDE}",
+    "5 more/activation mean": "5 more/activation mean",
+    "5 more/dead units %": "5 more/dead units %",
+    "5 more/output-gradient mean": "5 more/output-gradient mean",
+    "5 more/weight-gradient std": "5 more/weight-gradient std",
+    "5 more/weight-gradient mean": "5 more/weight-gradient mean",
+}
+
+
+def tensorboard_scalars(s: Snapshot, depth: dict[str, int] | None = None) -> dict[str, float]:
+    """Every per-layer number of s as one tag of the run: "<group>/<quantity> · <NN> <name>". depth: each layer's
+    and parameter's position in the model (stable across samples); default their order in s."""
+    if depth is None:
+        depth = {x.name: i for i, x in enumerate(s.layers)} | {p.name: i for i, p in enumerate(s.params)}
+    weights = {p.name for p in s.weights}
+    out = {}
+    for run, values in snapshot_series(s).items():
+        if run == REFERENCE_RUN:
+            continue  # named in the update charts' title instead: a line of its own needs a run of its own
+        name = run.split("/", 1)[1]
+        for tag, value in values.items():
+            quantity = TENSORBOARD[tag]
+            if quantity.startswith("2 updates/") and name not in weights:
+                quantity = f"5 more/{GUIDE}"  # biases and BatchNorm: the lecture plots weights only
+            out[f"{quantity} · {depth.get(name, 0) + 1:02d} {name}"] = value
+    return out
+
+
 def snapshot_histograms(s: Snapshot) -> dict:
     out = {}
     for x in s.layers:
@@ -90,23 +129,11 @@ def snapshot_histograms(s: Snapshot) -> dict:
 
 
 def custom_scalars_layout() -> dict:
-    """TensorBoard's Custom Scalars tab: each chart one quantity over all layers (their runs)."""
+    """TensorBoard's Custom Scalars tab: the loss on top (every tag with "loss" in its name, in one chart), then
+    the failing checks. Per-layer quantities are not here: in one run, Custom Scalars would draw every layer in
+    the run's colour (it colours by run); they are in Time Series, a chart per layer, and in the figures."""
     m = lambda *tags: ["Multiline", list(tags)]  # noqa: E731
     return {
-        "1 activations": {
-            "std": m(r"1 activations/std"),
-            "saturated %": m(r"1 activations/saturated %"),
-            "mean": m(r"5 more/activation mean"),
-            "dead units %": m(r"5 more/dead units %"),
-        },
-        "2 gradients": {
-            "output-gradient std": m(r"2 gradients/output-gradient std"),
-            "output-gradient mean": m(r"5 more/output-gradient mean"),
-        },
-        "3 weight gradients": {
-            "grad:data": m(r"3 weight gradients/grad:data"),
-            "grad std": m(r"5 more/weight-gradient std"),
-        },
-        "4 updates": {"log10(update:data), reference -3": m(r"4 updates/log10 update:data")},
+        "loss": {"every loss tag (train, val, sampled)": m(r".*loss.*")},
         "health": {"failing checks (1 = failing)": m(r"health/.*")},
     }

@@ -29,8 +29,16 @@ def speed_up() -> bool:
 
 
 def add_scalars(writer, scalars: dict[str, float], step: int) -> None:
-    """All of a step's scalars in one event: one protobuf, one queue put, one checksum."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
+    """All of a step's scalars in one event: one encoding by hand (scalar_event: half the time protobuf objects
+    take, 0.17 ms a sample for the lecture's network), one queue put, one checksum."""
+    import time
+
+    event_writer = getattr(writer._get_file_writer(), "event_writer", None)
+    queue = getattr(event_writer, "_async_writer", None)
+    if queue is not None:
+        queue.write(scalar_event(time.time(), step, scalars))
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary  # a writer without the queue: the public way
 
     values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
     writer._get_file_writer().add_summary(Summary(value=values), step)
@@ -67,58 +75,6 @@ def png_event(images: dict[str, tuple[bytes, int, int]], step: int):
         for tag, (data, h, w) in images.items()
     ]
     return Event(wall_time=time.time(), step=step, summary=Summary(value=values))
-
-
-class RunFiles:
-    """Scalars of sub-runs (a run directory's subdirectories: one per layer or parameter, see outputs.py), each
-    an event file written in the calling thread (a few hundred bytes a sample: no writer thread per run).
-
-    purge_step: on a resumed run, what an earlier (killed) process logged at this step or later is dropped by
-    TensorBoard, as SummaryWriter(purge_step=...) does for the run itself."""
-
-    def __init__(self, log_dir: str, purge_step: int | None = None):
-        self.log_dir, self.purge_step = log_dir, purge_step
-        self.files: dict[str, tuple] = {}
-        self._flushed = 0.0
-
-    def _writer(self, run: str):
-        if run not in self.files:
-            import os
-            import socket
-            import time
-
-            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-            from tensorboard.summary.writer.record_writer import RecordWriter
-
-            directory = os.path.join(self.log_dir, run)
-            os.makedirs(directory, exist_ok=True)
-            name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
-            f = open(os.path.join(directory, name), "wb")  # noqa: SIM115 (closed by close())
-            writer = RecordWriter(f)
-            writer.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-            if self.purge_step:
-                start = Event(step=self.purge_step, session_log=SessionLog(status=SessionLog.START))
-                writer.write(start.SerializeToString())
-            self.files[run] = (f, writer)
-        return self.files[run][1]
-
-    def add_scalars(self, series: dict[str, dict[str, float]], step: int) -> None:
-        """{run: {tag: value}} at step: one event per run, encoded by hand (scalar_event: this method takes half
-        the time it took building protobuf objects, 0.17 ms a sample for the lecture's network)."""
-        import time
-
-        now = time.time()
-        for run, scalars in series.items():
-            self._writer(run).write(scalar_event(now, step, scalars))
-        if now - self._flushed > 2.0:  # to disk every 2 s at most (a write per file): TensorBoard reloads every 5 s
-            self._flushed = now
-            for f, _ in self.files.values():
-                f.flush()
-
-    def close(self) -> None:
-        for f, _ in self.files.values():
-            f.close()
-        self.files = {}
 
 
 def _varint(n: int) -> bytes:
