@@ -11,6 +11,7 @@ hook: torch would be iterating the hooks, other callbacks' included), so other s
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import os
 import sys
@@ -484,7 +485,8 @@ class TrainingDiagnostics(Callback):
         self._collect(trainer, pl_module, wait=120.0)  # every sampled step recorded
         s = self._last_drawable
         if self.figures_every_n_steps and trainer.is_global_zero and s is not None and s.step != self._last_drawn:
-            self._log_figures(trainer, s)  # the figures of the last step with histograms
+            # the figures of the last step with histograms, titled with the step the run ended at (after it)
+            self._log_figures(trainer, dataclasses.replace(s, end_step=trainer.global_step))
         self._draw_figures()
         self._finish_workers()
         self._running = None

@@ -52,6 +52,7 @@ class Snapshot:
     loss: float | None
     layers: list[LayerStats] = field(default_factory=list)
     params: list[ParamStats] = field(default_factory=list)
+    end_step: int | None = None  # set on the figures drawn at a run's end: the step it ended at
 
     @property
     def weights(self) -> list[ParamStats]:
