@@ -65,6 +65,7 @@ from mm_lightning.runs import (
     unlock_runs,
     version_of,
 )
+from mm_lightning.threads import one_thread_if_small
 
 TRAINER_DEFAULTS = {
     "max_steps": 200_000,  # the lecture's run length
@@ -344,10 +345,12 @@ def sample_command(args: list[str]) -> None:
     path = find_last(runs_dir(a.root_dir)) if a.ckpt_path == "last" else Path(a.ckpt_path)
     net = checkpoint_net(load_checkpoint(path))  # (load_checkpoint refuses weights that do not fit their model)
     generator = torch.Generator().manual_seed(a.seed)
-    for start in range(0, a.num_samples, SAMPLE_CHUNK):  # in chunks: memory stays flat however many are asked
-        count = min(SAMPLE_CHUNK, a.num_samples - start)
-        for name in generate(net, count, a.temperature, generator, one_at_a_time=a.one_at_a_time):
-            print(name)
+    rows = 1 if a.one_at_a_time else min(SAMPLE_CHUNK, a.num_samples)  # names computed at once: fit's thread rule
+    with one_thread_if_small(net, rows):
+        for start in range(0, a.num_samples, SAMPLE_CHUNK):  # in chunks: memory stays flat however many are asked
+            count = min(SAMPLE_CHUNK, a.num_samples - start)
+            for name in generate(net, count, a.temperature, generator, one_at_a_time=a.one_at_a_time):
+                print(name)
 
 
 def download_command(args: list[str]) -> None:

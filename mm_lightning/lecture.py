@@ -106,6 +106,12 @@ def diagnose(config: str | None = None, steps: int = 0, **overrides) -> Diagnosi
     return run_diagnosis(args, steps)
 
 
+def _cpu_threads(cli) -> int | None:
+    """--fast_path.cpu_threads as given to this diagnosis (None: fit's automatic choice)."""
+    configured = cli.config_init.get("fast_path")
+    return getattr(configured, "cpu_threads", None)
+
+
 def _arg(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -119,6 +125,7 @@ def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
     from mm_lightning import preflight
     from mm_lightning.cli import MakemoreCLI, _quiet_noise
     from mm_lightning.errors import UsageError
+    from mm_lightning.fastpath import FastPath
 
     _quiet_noise()  # as the CLI: no warnings that say nothing about this run
     if steps < 0:
@@ -150,7 +157,9 @@ def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[diagnostics],
+        # fit's thread choice (one thread for small steps): its own callback, the lean loop and CUDA graphs left
+        # out (speed only, and a diagnosis samples every step it trains)
+        callbacks=[diagnostics, FastPath(lean_loop=False, cpu_threads=_cpu_threads(cli), cuda_graph=False)],
     )
     trainer.fit(cli.model, datamodule=cli.datamodule)
     expected = configured.expected_initial_loss or math.log(cli.model.num_classes)

@@ -26,6 +26,7 @@ import yaml
 from mm_lightning.data import NamesDataModule
 from mm_lightning.errors import UsageError
 from mm_lightning.runs import checkpoint_net, find_last, load_checkpoint
+from mm_lightning.threads import one_thread_if_small
 
 # makemore_part3_bn.ipynb's loss log, (train, val), as the lecture reports it
 LECTURE = {
@@ -81,7 +82,8 @@ def evaluate(checkpoint: Path, data_path: str | None = None) -> tuple[int, dict[
         raise UsageError(f"{checkpoint} was trained on another vocabulary than {dm.path}")
     dm.setup()
     # each split in one pass, as the notebook's split_loss: its mean is then the notebook's to the last bit
-    losses = {split: F.cross_entropy(net(x), y).item() for split, (x, y) in dm.splits.items()}
+    with one_thread_if_small(net, min(len(x) for x, _ in dm.splits.values())):  # whole splits: all threads
+        losses = {split: F.cross_entropy(net(x), y).item() for split, (x, y) in dm.splits.items()}
     return int(ckpt["global_step"]), losses
 
 
