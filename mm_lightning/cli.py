@@ -152,19 +152,24 @@ class MakemoreCLI(LightningCLI):
         version = version_of(path, runs)
         run_config = path.parent.parent / "config.yaml"
         own_run = version is not None or subcommand != "fit"  # evaluating: a run from anywhere, with its config
+        hparams = checkpoint["hyper_parameters"]
+        base = []
         if own_run and run_config.is_file() and not any(a.split("=")[0] == "--config" for a in args):
             # the run's own config is the base, so `fit --ckpt_path last` continues it as it was configured, and
             # `validate --ckpt_path <another directory's run>/...` evaluates the model it trained
-            super().parse_arguments(parser, [args[0], "--config", str(run_config), *args[1:]])
+            base = ["--config", str(run_config)]
+        if subcommand != "fit":  # evaluating: the model the checkpoint holds (a folded one has no BatchNorm)
+            base += _model_args(hparams, config.model.as_dict())
+        if base:
+            super().parse_arguments(parser, [args[0], *base, *args[1:]])
             config = self.config[subcommand]
         config.ckpt_path = str(path)
-        hparams = checkpoint["hyper_parameters"]
-        _refuse_changed_model(hparams, config.model.as_dict(), path)
+        _refuse_changed_model(hparams, config.model.as_dict(), path, resuming=subcommand == "fit")
         self.resume = Resume(path, version, int(checkpoint.get("global_step", 0)), hparams["net"]["vocab"])
         if _is_rank_zero():
             written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
             where = f"run {path.parent.parent}" if version is not None else "checkpoint"
-            print(f"{subcommand}: {where} at step {self.resume.global_step} ({path.name}, written {written})")
+            print(f"{subcommand}: {where} at step {self.resume.global_step} ({path}, written {written})", flush=True)
 
     def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
         """Lightning's: instantiates --optimizer / --lr_scheduler; a bad argument for them is a usage error."""
@@ -262,6 +267,7 @@ class MakemoreCLI(LightningCLI):
                 return False
             if _is_rank_zero():
                 lock_run(runs / f"version_{version}")
+                print(f"fit: new run {runs / f'version_{version}'} (see it: tensorboard --logdir {runs})", flush=True)
         else:
             return False  # evaluating a checkpoint from outside a run: results are printed only
         os.environ[VERSION_ENV] = str(version)
@@ -293,8 +299,25 @@ def _processes(trainer) -> int:
     return count * int(trainer.get("num_nodes") or 1)
 
 
-def _refuse_changed_model(hparams: dict, given: dict, path: Path) -> None:
-    """A resumed run keeps its model and optimizer: the checkpoint's state would silently win over new values."""
+def _model_args(hparams: dict, model: dict) -> list[str]:
+    """The checkpoint's model settings as command-line arguments (those the parser has; the vocabulary and block
+    size come with the data), for evaluating a checkpoint with the model it holds."""
+    import json
+
+    def value(v) -> str:
+        return v if isinstance(v, str) else json.dumps(list_or(v))
+
+    args = []
+    for key, v in (hparams.get("net") or {}).items():
+        if key not in ("vocab", "block_size") and key in (model.get("net") or {}):
+            args += [f"--model.net.{key}", value(v)]
+    args += [a for key, v in hparams.items() if key != "net" and key in model for a in (f"--model.{key}", value(v))]
+    return args
+
+
+def _refuse_changed_model(hparams: dict, given: dict, path: Path, resuming: bool = True) -> None:
+    """A resumed run keeps its model and optimizer: the checkpoint's state would silently win over new values.
+    Evaluating, a checkpoint is its model: an override could only describe another one."""
     expected = {f"net.{k}": v for k, v in hparams["net"].items() if k != "vocab"}
     expected.update({k: v for k, v in hparams.items() if k != "net"})
     flat = {f"net.{k}": v for k, v in (given.get("net") or {}).items()}
@@ -302,6 +325,11 @@ def _refuse_changed_model(hparams: dict, given: dict, path: Path) -> None:
     for key, want in expected.items():
         got = flat.get(key, want)
         same = math.isclose(got, want, rel_tol=1e-12) if isinstance(want, float) else list_or(got) == list_or(want)
+        if not same and not resuming:
+            raise UsageError(
+                f"{path} holds a model with model.{key}={want!r} but this command gives {got!r}; a checkpoint is "
+                "evaluated with the model it holds: drop the override"
+            )
         if not same:
             raise UsageError(
                 f"{path} was trained with model.{key}={want!r} but this command gives {got!r}; a resumed run keeps "
@@ -342,8 +370,17 @@ def sample_command(args: list[str]) -> None:
         raise UsageError(f"--num_samples must be at least 1, got {a.num_samples}")
     if not a.temperature > 0:
         raise UsageError(f"--temperature must be positive, got {a.temperature}; 1.0 samples the model as trained")
-    path = find_last(runs_dir(a.root_dir)) if a.ckpt_path == "last" else Path(a.ckpt_path)
-    net = checkpoint_net(load_checkpoint(path))  # (load_checkpoint refuses weights that do not fit their model)
+    runs = runs_dir(a.root_dir)
+    if a.ckpt_path == "last" and not any(runs.glob("version_*/checkpoints/last.ckpt")):
+        raise UsageError(
+            f"no trained run to sample from under {runs}: train one first (python -m mm_lightning.cli fit), "
+            "or pass --ckpt_path FILE (--root_dir DIR if the runs are elsewhere)"
+        )
+    path = find_last(runs) if a.ckpt_path == "last" else Path(a.ckpt_path)
+    checkpoint = load_checkpoint(path)
+    net = checkpoint_net(checkpoint)  # (load_checkpoint refuses weights that do not fit their model)
+    # on stderr: stdout holds only the names, for a pipe
+    print(f"sample: {path} (step {int(checkpoint.get('global_step', 0))})", file=sys.stderr, flush=True)
     generator = torch.Generator().manual_seed(a.seed)
     rows = 1 if a.one_at_a_time else min(SAMPLE_CHUNK, a.num_samples)  # names computed at once: fit's thread rule
     with one_thread_if_small(net, rows):

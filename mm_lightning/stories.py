@@ -46,6 +46,10 @@ def draw(diagnoses: dict, gradients: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import contextlib
+    import io
+    import logging
+
     from mm_lightning.cli import main as cli
     from mm_lightning.diagnostics.figures import png
     from mm_lightning.lecture import diagnose
@@ -55,17 +59,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_path", default="data/names.txt")
     a = parser.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    diagnoses = {}
+    diagnoses, lines = {}, []
+    lightning = logging.getLogger("lightning.pytorch")
+    level = lightning.level
     for name in STORIES:
         config = str(CONFIGS / f"{name}.yaml")
         diagnoses[name] = diagnose(config, steps=0, **{"data.path": a.data_path})
         args = ["fit", "--config", config, "--data.path", a.data_path, "--trainer.max_steps", "1"]
         args += ["--trainer.default_root_dir", str(a.out / name), "--trainer.enable_progress_bar", "false"]
-        if cli(args) != 0:  # one sampled step: the story at init, as a run of its own
+        args += ["--trainer.enable_model_summary", "false"]
+        said = io.StringIO()  # six fits would print six model summaries and their chatter: said only if one fails
+        lightning.setLevel(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                status = cli(args)  # one sampled step: the story at init, as a run of its own
+        finally:
+            lightning.setLevel(level)
+        if status != 0:
+            print(said.getvalue(), end="", file=sys.stderr)
             return 1
+        failing = sorted({v.check for v in diagnoses[name].failing})
+        lines.append(f"  {name:<16} {STORIES[name]:<22} {', '.join(failing) or 'healthy'}")
     for kind in ("activations", "gradients"):
         (a.out / f"{kind}.png").write_bytes(png(draw(diagnoses, gradients=kind == "gradients"))[0])
+    print("the deep network at init (failing checks):")
+    print("\n".join(lines))
     print(f"wrote {a.out}/activations.png, {a.out}/gradients.png and a run per story under {a.out}/")
+    print(f"see them: tensorboard --logdir {a.out}")
     return 0
 
 
