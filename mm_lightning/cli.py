@@ -476,6 +476,23 @@ USAGE = """usage: python -m mm_lightning.cli COMMAND [options]   (or: mm-lightni
 Every command takes --help; --debug shows the traceback of an error."""
 
 
+COMMON_OPTIONS = """the options most runs need (every option follows, grouped by class, after this):
+  --config FILE                   a YAML of options, e.g. configs/lecture/batchnorm.yaml (several: later wins)
+  --ckpt_path last|FILE           fit: continue the newest run in its own directory; validate/test/predict:
+                                  the checkpoint to read (its own model settings)
+  --trainer.max_steps N           optimizer steps (default 200000, the lecture's run)
+  --trainer.default_root_dir DIR  where lightning_logs/ goes (default .)
+  --trainer.accelerator cpu|gpu   --trainer.devices N    --trainer.precision 32-true|bf16-mixed
+  --model.lr LR                   SGD's learning rate (default 0.1; --model.milestones [150000] divides it by 10)
+  --model.net.n_hidden N          units per hidden layer (default 100)   --model.net.n_layers N  (default 5)
+  --model.net.batchnorm BOOL      BatchNorm after each hidden Linear     --model.net.gain G  (default 5/3)
+  --data.path FILE                names, one per line (default data/names.txt)
+  --data.batch_size N             minibatch size (default 32)
+  --diagnostics.every_n_steps N   sample the lecture's diagnostics every N steps (0: off; default 100)
+  --print_config                  print the full configuration as YAML and exit
+"""
+
+
 def _quiet_noise() -> None:
     """Silence messages that say nothing about this run."""
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")  # we pass argv on purpose
@@ -520,6 +537,8 @@ def _command(argv: list[str], debug: bool) -> int:
         preflight.check_config_files(argv)
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:]) or 0
+        if argv[0] in ("fit", "validate", "test", "predict") and {"-h", "--help"} & set(argv[1:]):
+            print(f"usage: python -m mm_lightning.cli {argv[0]} [options]\n\n{COMMON_OPTIONS}", flush=True)
         interrupted = MakemoreCLI(argv).stop_on_signal
         if interrupted.message() is not None:
             print(f"error: {interrupted.message()}", file=sys.stderr)

@@ -26,7 +26,10 @@ SMALL = ["--model.net.n_hidden", "16", "--model.net.n_layers", "2", "--trainer.e
 def names_file() -> Path:
     if not NAMES.is_file():
         tried = ", ".join(str(p) for p in CANDIDATES)
-        pytest.fail(f"names.txt not found (tried {tried}); run `python -m mm_lightning.cli download` first")
+        pytest.fail(
+            f"names.txt not found (tried {tried}); copy it to one of them or set MM_LIGHTNING_NAMES=FILE "
+            "(online, `python -m mm_lightning.cli download` fetches it)"
+        )
     return NAMES
 
 

@@ -11,6 +11,9 @@ from tests.conftest import tb_tags
 @pytest.mark.slow
 def test_stories_draw_one_picture_per_diagnostic_and_a_run_per_story(names_file, tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--data_path", str(names_file)]) == 0
+    said = capsys.readouterr()
+    assert len(said.out.splitlines()) <= len(STORIES) + 4 and not said.err, said  # one summary, not six fits' output
+    assert "Params" not in said.out  # no model summary
     for kind in ("activations", "gradients"):
         assert (tmp_path / f"{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stds = {}

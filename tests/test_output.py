@@ -1,0 +1,53 @@
+"""What the commands print for a person: the run a fit writes, the checkpoint an evaluation reads, a help whose
+first screen holds the common options, and hints that fit the situation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mm_lightning.cli import COMMON_OPTIONS, main
+from tests.conftest import SMALL, run_cli
+
+
+@pytest.mark.slow
+def test_help_first_screen_is_the_common_options(project):
+    text = run_cli(["fit", "--help"], project).stdout
+    first_screen = "\n".join(text.splitlines()[:24])
+    for option in ("--config", "--ckpt_path", "--trainer.max_steps", "--model.net.n_hidden", "--data.path"):
+        assert option in first_screen, option
+    full = text.split(COMMON_OPTIONS, 1)[1]  # the parser's own list follows: every common option is a real one
+    for option in set(re.findall(r"--[a-z_.]+", COMMON_OPTIONS)):
+        assert re.search(rf"{re.escape(option)}\b", full), option
+
+
+@pytest.mark.slow
+def test_each_command_names_the_run_or_checkpoint_it_uses(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    args = ["fit", "--trainer.max_steps", "60", *SMALL, "--data.steps_per_epoch", "60"]
+    assert main([*args, "--trainer.enable_progress_bar", "false", "--diagnostics.every_n_steps", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "fit: new run lightning_logs/version_0 " in out, out  # which version_N it writes, before training
+    last = "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert main(["sample", "--num_samples", "3"]) == 0
+    said = capsys.readouterr()
+    assert said.err.startswith(f"sample: {last} (step 60)") and len(said.out.split()) == 3  # names alone on stdout
+    assert main(["fold-batchnorm", "--ckpt_path", "last", "--out", "folded.ckpt"]) == 0
+    capsys.readouterr()
+    # a folded checkpoint outside a run: evaluated with its own settings (no BatchNorm), not refused
+    assert main(["validate", "--ckpt_path", "folded.ckpt"]) == 0
+    said = capsys.readouterr()
+    assert said.out.startswith("validate: checkpoint at step 60 (folded.ckpt, written ") and "val/loss" in said.out
+    assert main(["validate", "--ckpt_path", "folded.ckpt", "--model.net.batchnorm", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "folded.ckpt holds a model with model.net.batchnorm=False but this command gives True" in err, err
+    assert "resumed" not in err and "new run" not in err  # no resume hint for an evaluation
+
+
+def test_sample_without_a_run_says_to_train_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample"]) == 2
+    err = capsys.readouterr().err
+    assert "train one first (python -m mm_lightning.cli fit)" in err and "drop --ckpt_path" not in err, err
+    assert err.count("\n") == 1
