@@ -94,10 +94,6 @@ class Resume:
     vocab: str
 
 
-# `--help` shows each MLPConfig field's docstring (the dataclass documents its fields under each one, as litgpt's)
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
-
 class MakemoreCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True):
         self._argv = list(args)
@@ -464,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    # `--help` shows each MLPConfig field's docstring (the dataclass documents its fields under each one, as litgpt's).
+    # Only then: finding those docstrings parses the source of every class the parser reads (Trainer's included),
+    # ~80% of building the parser, which every command pays at start.
+    set_parsing_settings(docstring_parse_attribute_docstrings=any(a in ("-h", "--help") for a in argv))
     status = None
     try:
         status = _command(argv, debug)

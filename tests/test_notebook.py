@@ -13,6 +13,7 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
 
+@pytest.mark.slow
 def test_the_lecture_notebook_runs_top_to_bottom(names_file, monkeypatch):
     monkeypatch.setenv("MM_LIGHTNING_NAMES", str(names_file))
     path = ROOT / "notebooks" / "makemore_part3.ipynb"

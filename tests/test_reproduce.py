@@ -4,9 +4,12 @@ import csv
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_reproduce_writes_the_table_in_the_lectures_order(project):
     configs = [str(ROOT / "configs" / "lecture" / f"{name}.yaml") for name in ("kaiming", "original")]
     proc = subprocess.run(
