@@ -18,6 +18,7 @@ from mm_lightning.errors import UsageError
 
 InitScheme = Literal["torch", "kaiming", "normal", "zeros"]  # zeros: the lecture's exercise E01
 BatchNormStyle = Literal["torch", "lecture", "lecture_first"]
+LinearStyle = Literal["torch", "lecture"]
 InitDraws = Literal["cell13", "cell6"]  # which of the notebook's init cells init_seed's draws follow
 
 
@@ -45,6 +46,10 @@ class MLPConfig:
     """Which BatchNorm: 'torch' nn.BatchNorm1d (normalises with the biased batch variance); 'lecture' the notebook's
     BatchNorm1d class (unbiased x.var(0), eps 1e-5); 'lecture_first' the lecture's first, inline BatchNorm (unbiased
     x.std(0), no eps, a running std). The notebook-exact configs use the lecture's; see LectureBatchNorm1d."""
+    linear_style: LinearStyle = "torch"
+    """How a Linear with a bias computes: 'torch' F.linear (addmm: the bias enters the matrix product, whose blocked
+    accumulation then rounds differently); 'lecture' x @ W.T, then + b, two ops as the notebook writes them (its
+    Linear class, and cell 6's h @ W2 + b2). The notebook-exact configs use the lecture's; see LectureLinear."""
     init_seed: int | None = None
     """Draw the whole init from torch.Generator().manual_seed(init_seed) in the notebook's order (the embedding,
     then each Linear's weight as randn(fan_in, fan_out), and its bias where init_draws says the notebook draws one),
@@ -80,6 +85,8 @@ class MLPConfig:
         need(0.0 <= self.bn_momentum <= 1.0, f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
         styles = BatchNormStyle.__args__
         need(self.bn_style in styles, f"bn_style must be one of {', '.join(styles)}; got {self.bn_style!r}")
+        kinds = LinearStyle.__args__
+        need(self.linear_style in kinds, f"linear_style must be one of {', '.join(kinds)}; got {self.linear_style!r}")
         need(self.init_seed is None or 0 <= self.init_seed < 2**63, f"init_seed must be in [0, 2^63): {self.init_seed}")
         draws = InitDraws.__args__
         need(self.init_draws in draws, f"init_draws must be one of {', '.join(draws)}; got {self.init_draws!r}")
@@ -124,13 +131,14 @@ class MLP(nn.Module):
         self.embedding = nn.Embedding(c.vocab_size, c.n_embd)
         layers: list[nn.Module] = []
         fan_in = c.n_embd * c.block_size
+        linear = LectureLinear if c.linear_style == "lecture" else nn.Linear
         for _ in range(c.n_layers):
-            layers.append(nn.Linear(fan_in, c.n_hidden, bias=not c.batchnorm))
+            layers.append(linear(fan_in, c.n_hidden, bias=not c.batchnorm))
             if c.batchnorm:
                 layers.append(_batchnorm(c, c.n_hidden))
             layers.append(nn.Tanh())
             fan_in = c.n_hidden
-        layers.append(nn.Linear(fan_in, c.vocab_size, bias=not c.output_batchnorm))
+        layers.append(linear(fan_in, c.vocab_size, bias=not c.output_batchnorm))
         if c.output_batchnorm:
             layers.append(_batchnorm(c, c.vocab_size))
         self.layers = nn.Sequential(*layers)
@@ -200,6 +208,17 @@ def _init_linear(
     elif linear.bias is not None:
         nn.init.normal_(linear.bias, generator=generator)  # drawn even when scaled by 0, as cell 6's b2
         linear.bias.mul_(bias_scale)
+
+
+class LectureLinear(nn.Linear):
+    """The notebook's Linear, op for op: x @ W, then + b (cell 13's class, cell 6's h @ W2 + b2), with nn.Linear's
+    parameters ((fan_out, fan_in) weight: x @ weight.T). F.linear adds the bias inside the matrix product (addmm),
+    which can round differently from the product then the sum: on this project's CPU, whenever the product is
+    accumulated in more than one block (200 inputs, cell 6's W2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
 
 
 def _batchnorm(c: MLPConfig, dim: int) -> nn.BatchNorm1d:
