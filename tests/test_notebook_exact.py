@@ -227,6 +227,20 @@ def test_what_cell_13_never_draws_is_refused_not_drawn():
         MLPConfig(init_draws="cell6")
 
 
+def test_the_notebooks_update_is_never_silently_replaced(names_file):
+    """--optimizer replaces the module's own SGD, so it is refused beside --model.update lecture; a checkpoint
+    written before model.update existed was trained with torch's SGD, and resuming it with the notebook's is refused."""
+    from mm_lightning.cli import MakemoreCLI, _refuse_changed_model
+    from mm_lightning.errors import UsageError
+
+    with pytest.raises(UsageError, match="--model.update configures the module's own SGD"):
+        MakemoreCLI(["--data.path", str(names_file), "--model.update", "lecture", "--optimizer", "SGD"], run=False)
+    old = {"net": {"n_hidden": 100}, "lr": 0.1, "milestones": [150000], "lr_decay": 0.1}  # no "update"
+    with pytest.raises(UsageError, match="model.update='torch' but this command gives 'lecture'"):
+        _refuse_changed_model(old, {"net": {"n_hidden": 100}, "update": "lecture"}, Path("old.ckpt"))
+    _refuse_changed_model(old, {"net": {"n_hidden": 100}, "update": "torch"}, Path("old.ckpt"))
+
+
 @pytest.mark.parametrize("marker,config", [("ud.append", DEEP), ("bnmean_running = 0.999", FIRST_BN)])
 def test_the_update_is_the_notebooks_own_lines(marker, config):
     """The notebook's `# update` lines, read from cells 14 and 7 and run on random gradients, against the module's
