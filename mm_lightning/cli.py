@@ -196,7 +196,7 @@ class MakemoreCLI(LightningCLI):
             )
         if config.get("optimizer"):
             defaults = {k: v.default for k, v in inspect.signature(MakemoreModule).parameters.items()}
-            changed = [k for k in ("lr", "milestones", "lr_decay") if list_or(config.model[k]) != defaults[k]]
+            changed = [k for k in ("lr", "milestones", "lr_decay", "update") if list_or(config.model[k]) != defaults[k]]
             if changed:
                 raise UsageError(
                     f"--model.{changed[0]} configures the module's own SGD, which --optimizer replaces; "
@@ -292,6 +292,7 @@ def _refuse_changed_model(hparams: dict, given: dict, path: Path) -> None:
     """A resumed run keeps its model and optimizer: the checkpoint's state would silently win over new values."""
     expected = {f"net.{k}": v for k, v in hparams["net"].items() if k != "vocab"}
     expected.update({k: v for k, v in hparams.items() if k != "net"})
+    expected.setdefault("update", "torch")  # checkpoints from before model.update existed were trained with torch's SGD
     flat = {f"net.{k}": v for k, v in (given.get("net") or {}).items()}
     flat.update({k: v for k, v in given.items() if k != "net"})
     for key, want in expected.items():
