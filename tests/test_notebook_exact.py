@@ -345,6 +345,7 @@ def test_notebook_sampler_is_one_stream_for_one_process(names_file):
         data.train_dataloader()
 
 
+@pytest.mark.slow
 def test_what_the_notebook_options_cannot_honour_is_refused_in_one_line(project):
     def refused(*args: str) -> str:
         proc = run_cli(["fit", *args, "--trainer.max_steps", "1"], project, check=False)
@@ -376,6 +377,7 @@ def deep_run(tmp_path_factory, names_file) -> Path:
     return root / "lightning_logs" / "version_0"
 
 
+@pytest.mark.slow
 def test_cell_14_and_15_step_0_loss_and_activation_table(deep_run):
     logged = scalars(deep_run)
     at = lambda tag: dict(logged[tag])[1000]  # noqa: E731 - the notebook's tables are of step i = 1000
@@ -392,6 +394,7 @@ def test_cell_14_and_15_step_0_loss_and_activation_table(deep_run):
         assert_printed(at(run + "1 activations/saturated %"), saturated, 0, atol=100 / n, what=line)
 
 
+@pytest.mark.slow
 def test_cell_16_output_gradient_table(deep_run):
     logged = scalars(deep_run)
     at = lambda tag: dict(logged[tag])[1000]  # noqa: E731
@@ -407,6 +410,7 @@ def test_cell_16_output_gradient_table(deep_run):
         assert_printed(grad_std, std, reduction_rtol(n), what=line)
 
 
+@pytest.mark.slow
 def test_cell_17_weight_gradient_table(deep_run):
     """Each statistic to its printed digit, up to float32 rounding (reduction_rtol); grad:data as the notebook
     computes it, std(grad) / std(weights after step 1000's update) (last.ckpt), a ratio of two reductions. The
@@ -430,6 +434,7 @@ def test_cell_17_weight_gradient_table(deep_run):
         assert at(run + "3 weight gradients/grad:data") == pytest.approx(float(ratio), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_cell_19_split_losses(deep_run, names_file):
     """To the notebook's 17 printed digits, up to float32 rounding of a mean over the split (182625 and 22655
     terms: 2.1e-6 and 1.9e-6 of it); bit for bit against the notebook's own code in the slow test below."""
@@ -444,6 +449,7 @@ def test_cell_19_split_losses(deep_run, names_file):
         assert_printed(losses[split], printed, reduction_rtol(sizes[split]), what=line)
 
 
+@pytest.mark.slow
 def test_cell_20_names_sampled_one_at_a_time(deep_run):
     """The names exactly: a draw of torch.multinomial changes only if its uniform number falls within float32
     rounding (~1e-7) of a boundary between two characters' cumulative probabilities, about 1e-7 per draw, ~1e-5
@@ -525,6 +531,7 @@ def test_short_runs_are_the_notebooks_code_bit_for_bit(config, notebook_data, na
     assert_bitwise(ours, [nb[name] for name in names])
 
 
+@pytest.mark.slow
 def test_validate_a_notebook_run_from_another_directory(deep_run, tmp_path, names_file):
     """The run's own config.yaml is the base for evaluating it, wherever the command runs."""
     ckpt = deep_run / "checkpoints" / "last.ckpt"
@@ -532,6 +539,7 @@ def test_validate_a_notebook_run_from_another_directory(deep_run, tmp_path, name
     assert "2.3982" in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_a_folded_notebook_checkpoint_samples_the_notebooks_names(deep_run, tmp_path):
     folded, trained = tmp_path / "folded.ckpt", deep_run / "checkpoints" / "last.ckpt"
     run_cli(["fold-batchnorm", "--ckpt_path", str(trained), "--out", str(folded)], tmp_path)
@@ -539,6 +547,7 @@ def test_a_folded_notebook_checkpoint_samples_the_notebooks_names(deep_run, tmp_
     assert proc.stdout.split() == [name.removesuffix(".") for name in stored_output("sample from the model")]
 
 
+@pytest.mark.slow
 def test_the_notebooks_batchnorm_folds_like_torchs(deep_run, names_file):
     from mm_lightning.fold import fold_batchnorm
     from mm_lightning.runs import checkpoint_net, load_checkpoint
@@ -558,6 +567,7 @@ def test_the_notebooks_batchnorm_folds_like_torchs(deep_run, names_file):
         assert torch.allclose(fold_batchnorm(first)(x), first(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_resumed_notebook_run_draws_the_same_minibatches(tmp_path, names_file, deep_run):
     """Stopped at step 600 and resumed: the notebook's stream is replayed up to there, so the end is the same."""
     common = ["--config", str(DEEP), "--data.path", str(names_file), "--trainer.default_root_dir", "."]
@@ -573,8 +583,7 @@ def test_a_resumed_notebook_run_draws_the_same_minibatches(tmp_path, names_file,
 # ------------------------------------------------------------------- the first BatchNorm run, 200000 steps
 
 
-@pytest.mark.slow
-@pytest.mark.reference
+@pytest.mark.reference  # not in the slow tier: -m reference alone runs it
 def test_cells_7_and_10_the_single_layer_run(tmp_path, names_file):
     """Cell 10's split losses within 0.002 after the notebook's 200000 steps, and cell 7's curve beside the
     notebook's (about 7 minutes on 2 CPU cores; run with `pytest -m reference`)."""

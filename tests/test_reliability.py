@@ -285,6 +285,7 @@ def test_bad_sampling_arguments(trained, capsys):
     _fails(capsys, ["diagnose", "--steps", "x"], "--steps must be a whole number")
 
 
+@pytest.mark.slow
 def test_a_real_process_exits_non_zero_with_one_line(project):
     proc = run_cli(["fit", "--data.path", "missing.txt"], cwd=project, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
