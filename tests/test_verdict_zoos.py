@@ -66,18 +66,23 @@ def first_failure(diag: Recording, check: str):
 
 def healthy_cases(names_file):
     """id -> (model, data, steps, every_n_steps); a few hundred steps each, sampled 20-30 times."""
-    text = zoo.name_windows(names_file, 16)
+    text = zoo.name_windows(names_file, 8)
     return {
-        "lecture-mlp-sgd": (lambda: zoo.LectureMLP(), lambda: zoo.loader(*text), 300, 10),
-        "nanogpt-adamw": (lambda: zoo.GPT(total=300), lambda: zoo.loader(*text), 300, 10),
-        "mingpt-own-gelu": (lambda: zoo.GPT(act=zoo.NewGELU, total=300), lambda: zoo.loader(*text), 300, 10),
-        "preln-residual-mlp": (lambda: zoo.PreLNResidualMLP(), lambda: zoo.loader(*zoo.features()), 300, 10),
-        "vit-adamw": (lambda: zoo.ViT(), lambda: zoo.loader(*zoo.images()), 300, 10),
-        "resnet-sgd-momentum": (lambda: zoo.ResNet(), lambda: zoo.loader(*zoo.images()), 300, 10),
-        "gru-adam": (lambda: zoo.Recurrent(nn.GRU), lambda: zoo.loader(*zoo.sequences()), 300, 10),
-        "lstm-adam": (lambda: zoo.Recurrent(nn.LSTM), lambda: zoo.loader(*zoo.sequences()), 300, 10),
-        "vae-sigmoid-bce": (lambda: zoo.VAE(), lambda: zoo.loader(*zoo.binary_images()), 300, 10),
-        "frozen-backbone": (lambda: zoo.FrozenBackbone(), lambda: zoo.loader(*zoo.features()), 300, 10),
+        "lecture-mlp-sgd": (lambda: zoo.LectureMLP(), lambda: zoo.loader(*text), 200, 10),
+        "nanogpt-adamw": (lambda: zoo.GPT(total=200, n_layer=2, block=8), lambda: zoo.loader(*text), 200, 10),
+        "mingpt-own-gelu": (
+            lambda: zoo.GPT(act=zoo.NewGELU, total=200, n_layer=2, block=8),
+            lambda: zoo.loader(*text),
+            200,
+            10,
+        ),
+        "preln-residual-mlp": (lambda: zoo.PreLNResidualMLP(), lambda: zoo.loader(*zoo.features()), 200, 10),
+        "vit-adamw": (lambda: zoo.ViT(), lambda: zoo.loader(*zoo.images()), 200, 10),
+        "resnet-sgd-momentum": (lambda: zoo.ResNet(), lambda: zoo.loader(*zoo.images()), 200, 10),
+        "gru-adam": (lambda: zoo.Recurrent(nn.GRU), lambda: zoo.loader(*zoo.sequences()), 200, 10),
+        "lstm-adam": (lambda: zoo.Recurrent(nn.LSTM), lambda: zoo.loader(*zoo.sequences()), 200, 10),
+        "vae-sigmoid-bce": (lambda: zoo.VAE(), lambda: zoo.loader(*zoo.binary_images()), 200, 10),
+        "frozen-backbone": (lambda: zoo.FrozenBackbone(), lambda: zoo.loader(*zoo.features()), 200, 10),
     }
 
 

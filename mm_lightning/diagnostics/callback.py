@@ -197,6 +197,7 @@ class TrainingDiagnostics(Callback):
         self.output_layers: set[str] = set()  # watched layers after which no parameterised module runs
         self._normalised: set[str] = set()  # parts of the model with normalisation layers (see select)
         self._trained_how: dict[str, str] = {}  # parameter -> its optimizer's family (see verdicts.optimizer_family)
+        self._lr_set: dict[str, float] = {}  # parameter -> the learning rate set (its scheduler's base)
         self._at_step: dict[int, tuple[dict[str, float], set[str]]] = {}  # sampled step -> lr shortfall, frozen
         self.lr_shortfall: dict[str, list[tuple[int, float]]] = {}  # aligned with update_history (see Context)
         self._unmeasured: dict[str, str] = {}  # watched module -> why its output was not measured (said once)
@@ -415,7 +416,7 @@ class TrainingDiagnostics(Callback):
             gap = math.log10(base / lr) if lr > 0 and base > 0 else math.nan
             for p in group["params"]:
                 name = self._param_names.get(id(p), "")
-                self._trained_how[name], shortfall[name] = family, gap
+                self._trained_how[name], shortfall[name], self._lr_set[name] = family, gap, base
                 if p.grad is None:
                     frozen.add(name)
         self._stepped_optimizers.add(id(optimizer))
@@ -611,6 +612,7 @@ class TrainingDiagnostics(Callback):
         context = Context(
             optimizer=self._trained_how,
             lr_shortfall={name: [v for _, v in points[-window:]] for name, points in self.lr_shortfall.items()},
+            lr_set=self._lr_set,
             frozen=frozen,
             output_layers=self.output_layers,
             normalised_groups=self._normalised,

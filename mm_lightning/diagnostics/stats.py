@@ -195,6 +195,7 @@ class _Layers:
                     constant = [c or s >= 1.0 for c, s in zip(constant, every[u])]
                 mean, std = _mean_std(*m[j::k])
                 out[i] = LayerStats(x.name, x.kind, mean, std, saturation, sum(constant) / units, group=x.group)
+                out[i].values_per_unit = self._stack(idx).shape[1]
         for idx, handle in self.hg:
             g, k = get(handle), len(idx)
             for j, i in enumerate(idx):
