@@ -65,13 +65,14 @@ def first_failure(diag: Recording, check: str):
 
 
 def healthy_cases(names_file):
-    """id -> (model, data, steps, every_n_steps); a few hundred steps each, sampled 20-30 times."""
+    """id -> (model, data, steps, every_n_steps): 200 steps each, sampled 20 times (the GPTs: the first 200 steps of
+    a 2000-step schedule, at the full learning rate after warm-up)."""
     text = zoo.name_windows(names_file, 8)
     return {
         "lecture-mlp-sgd": (lambda: zoo.LectureMLP(), lambda: zoo.loader(*text), 200, 10),
-        "nanogpt-adamw": (lambda: zoo.GPT(total=200, n_layer=2, block=8), lambda: zoo.loader(*text), 200, 10),
+        "nanogpt-adamw": (lambda: zoo.GPT(total=2000, n_layer=2, block=8), lambda: zoo.loader(*text), 200, 10),
         "mingpt-own-gelu": (
-            lambda: zoo.GPT(act=zoo.NewGELU, total=200, n_layer=2, block=8),
+            lambda: zoo.GPT(act=zoo.NewGELU, total=2000, n_layer=2, block=8),
             lambda: zoo.loader(*text),
             200,
             10,
