@@ -346,12 +346,13 @@ def test_worker_starts_from_a_namespace_package_copy(tmp_path):
 
 
 class Checkpointed(L.LightningModule):
-    """Two [Linear -> Tanh] blocks under torch.utils.checkpoint (or not), then a head."""
+    """Two [Linear -> Tanh -> Linear] blocks under torch.utils.checkpoint (or not), then a head. (A Tanh last in
+    its segment would not be recomputed: non-reentrant checkpointing stops once the saved tensors are back.)"""
 
     def __init__(self, mode: str | None):
         super().__init__()
         self.mode = mode
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(2))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)) for _ in range(2))
         self.head = nn.Linear(16, 4)
 
     def training_step(self, batch, batch_idx):
