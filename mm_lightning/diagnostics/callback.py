@@ -306,8 +306,8 @@ class TrainingDiagnostics(Callback):
             self._handles.append(w.module.register_forward_hook(partial(self._on_forward, w)))
         if not self._outputs_found:  # the first sample: which watched layers are output layers (see _find_outputs)
             self._order, self._rank = {}, 0
-            for module in pl_module.modules():
-                if any(True for _ in module.parameters(recurse=False)):
+            for name, module in pl_module.named_modules():  # not the root: its forward (if any) returns last
+                if name and any(True for _ in module.parameters(recurse=False)):
                     self._handles.append(module.register_forward_hook(self._on_parameterised_forward))
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._on_pre_step))
