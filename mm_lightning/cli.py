@@ -95,10 +95,6 @@ class Resume:
     vocab: str
 
 
-# `--help` shows each MLPConfig field's docstring (the dataclass documents its fields under each one, as litgpt's)
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
-
 class MakemoreCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True):
         self._argv = list(args)
@@ -206,7 +202,7 @@ class MakemoreCLI(LightningCLI):
             )
         if config.get("optimizer"):
             defaults = {k: v.default for k, v in inspect.signature(MakemoreModule).parameters.items()}
-            changed = [k for k in ("lr", "milestones", "lr_decay") if list_or(config.model[k]) != defaults[k]]
+            changed = [k for k in ("lr", "milestones", "lr_decay", "update") if list_or(config.model[k]) != defaults[k]]
             if changed:
                 raise UsageError(
                     f"--model.{changed[0]} configures the module's own SGD, which --optimizer replaces; "
@@ -320,6 +316,7 @@ def _refuse_changed_model(hparams: dict, given: dict, path: Path, resuming: bool
     Evaluating, a checkpoint is its model: an override could only describe another one."""
     expected = {f"net.{k}": v for k, v in hparams["net"].items() if k != "vocab"}
     expected.update({k: v for k, v in hparams.items() if k != "net"})
+    expected.setdefault("update", "torch")  # checkpoints from before model.update existed were trained with torch's SGD
     flat = {f"net.{k}": v for k, v in (given.get("net") or {}).items()}
     flat.update({k: v for k, v in given.items() if k != "net"})
     for key, want in expected.items():
@@ -521,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    # `--help` shows each MLPConfig field's docstring (the dataclass documents its fields under each one, as litgpt's).
+    # Only then: finding those docstrings parses the source of every class the parser reads (Trainer's included),
+    # ~80% of building the parser, which every command pays at start.
+    set_parsing_settings(docstring_parse_attribute_docstrings=any(a in ("-h", "--help") for a in argv))
     status = None
     try:
         status = _command(argv, debug)

@@ -18,6 +18,8 @@ from mm_lightning.errors import UsageError
 
 InitScheme = Literal["torch", "kaiming", "normal", "zeros"]  # zeros: the lecture's exercise E01
 BatchNormStyle = Literal["torch", "lecture", "lecture_first"]
+LinearStyle = Literal["torch", "lecture"]
+InitDraws = Literal["cell13", "cell6"]  # which of the notebook's init cells init_seed's draws follow
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,18 @@ class MLPConfig:
     """Which BatchNorm: 'torch' nn.BatchNorm1d (normalises with the biased batch variance); 'lecture' the notebook's
     BatchNorm1d class (unbiased x.var(0), eps 1e-5); 'lecture_first' the lecture's first, inline BatchNorm (unbiased
     x.std(0), no eps, a running std). The notebook-exact configs use the lecture's; see LectureBatchNorm1d."""
+    linear_style: LinearStyle = "torch"
+    """How a Linear with a bias computes: 'torch' F.linear (addmm: the bias enters the matrix product, whose blocked
+    accumulation then rounds differently); 'lecture' x @ W.T, then + b, two ops as the notebook writes them (its
+    Linear class, and cell 6's h @ W2 + b2). The notebook-exact configs use the lecture's; see LectureLinear."""
     init_seed: int | None = None
     """Draw the whole init from torch.Generator().manual_seed(init_seed) in the notebook's order (the embedding,
-    then each Linear's weight as randn(fan_in, fan_out), then its bias), as makemore_part3_bn.ipynb does with
-    its 2147483647; None: from torch's global generator (seed_everything)."""
+    then each Linear's weight as randn(fan_in, fan_out), and its bias where init_draws says the notebook draws one),
+    as makemore_part3_bn.ipynb does with its 2147483647; None: from torch's global generator (seed_everything)."""
+    init_draws: InitDraws = "cell13"
+    """With init_seed: the notebook cell whose draws and rounding the init follows. 'cell13' (its Linear class, the
+    deep network): W = randn / fan_in**0.5, then W *= gain; a bias is torch.zeros, never drawn. 'cell6' (the first
+    BatchNorm network): W = randn * gain / fan_in**0.5, and a bias is drawn even when scaled by 0 (b2 = randn * 0)."""
     init: InitScheme = "kaiming"
     """Hidden weights: 'kaiming' N(0,1)*gain/sqrt(fan_in), 'normal' N(0,1)*gain, 'torch' PyTorch's default * gain,
     'zeros' every weight and bias (the embedding's too) zero: exercise E01."""
@@ -75,7 +85,11 @@ class MLPConfig:
         need(0.0 <= self.bn_momentum <= 1.0, f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
         styles = BatchNormStyle.__args__
         need(self.bn_style in styles, f"bn_style must be one of {', '.join(styles)}; got {self.bn_style!r}")
+        kinds = LinearStyle.__args__
+        need(self.linear_style in kinds, f"linear_style must be one of {', '.join(kinds)}; got {self.linear_style!r}")
         need(self.init_seed is None or 0 <= self.init_seed < 2**63, f"init_seed must be in [0, 2^63): {self.init_seed}")
+        draws = InitDraws.__args__
+        need(self.init_draws in draws, f"init_draws must be one of {', '.join(draws)}; got {self.init_draws!r}")
         schemes = InitScheme.__args__
         need(self.init in schemes, f"init must be one of {', '.join(schemes)}; got {self.init!r}")
         need(self.output_init in (None, *schemes), f"output_init must be null or one of {', '.join(schemes)}")
@@ -90,6 +104,17 @@ class MLPConfig:
             raise UsageError(
                 "--model.net.init_seed draws the notebook's init; init 'torch' is PyTorch's own: use kaiming or normal"
             )
+        if self.init_draws != "cell13" and self.init_seed is None:
+            raise UsageError(f"--model.net.init_draws {self.init_draws} has no effect without init_seed; drop it")
+        if self.init_seed is not None and self.init_draws == "cell13":
+            # cell 13's Linear never draws a bias: a scaled one would be a draw the notebook does not make
+            biases = {"bias_scale": not self.batchnorm, "output_bias_scale": not self.output_batchnorm}
+            for name, has_bias in biases.items():
+                if has_bias and getattr(self, name) != 0:
+                    raise UsageError(
+                        f"--model.net.{name}: the notebook's cell 13 draws no biases (zeros); "
+                        "use --model.net.init_draws cell6 to draw them as cell 6 does"
+                    )
 
     @property
     def vocab_size(self) -> int:
@@ -106,13 +131,14 @@ class MLP(nn.Module):
         self.embedding = nn.Embedding(c.vocab_size, c.n_embd)
         layers: list[nn.Module] = []
         fan_in = c.n_embd * c.block_size
+        linear = LectureLinear if c.linear_style == "lecture" else nn.Linear
         for _ in range(c.n_layers):
-            layers.append(nn.Linear(fan_in, c.n_hidden, bias=not c.batchnorm))
+            layers.append(linear(fan_in, c.n_hidden, bias=not c.batchnorm))
             if c.batchnorm:
                 layers.append(_batchnorm(c, c.n_hidden))
             layers.append(nn.Tanh())
             fan_in = c.n_hidden
-        layers.append(nn.Linear(fan_in, c.vocab_size, bias=not c.output_batchnorm))
+        layers.append(linear(fan_in, c.vocab_size, bias=not c.output_batchnorm))
         if c.output_batchnorm:
             layers.append(_batchnorm(c, c.vocab_size))
         self.layers = nn.Sequential(*layers)
@@ -139,6 +165,7 @@ class MLP(nn.Module):
                 gain=1.0 if own_scheme else c.gain,
                 bias_scale=c.output_bias_scale if is_output else c.bias_scale,
                 generator=generator,
+                cell13=c.init_draws == "cell13",
             )
         for m in self.layers:
             if isinstance(m, nn.BatchNorm1d):
@@ -149,7 +176,12 @@ class MLP(nn.Module):
 
 
 def _init_linear(
-    linear: nn.Linear, scheme: str, gain: float, bias_scale: float, generator: torch.Generator | None
+    linear: nn.Linear,
+    scheme: str,
+    gain: float,
+    bias_scale: float,
+    generator: torch.Generator | None,
+    cell13: bool = False,
 ) -> None:
     fan_in = linear.weight.shape[1]
     if scheme == "zeros":
@@ -164,12 +196,29 @@ def _init_linear(
     if generator is None:
         nn.init.normal_(linear.weight)
         linear.weight.mul_(gain / math.sqrt(fan_in) if scheme == "kaiming" else gain)
-    else:  # the notebook's W = randn((fan_in, fan_out), generator=g) * gain / fan_in**0.5, in its rounding order
-        w = torch.randn(linear.weight.shape[::-1], generator=generator) * gain
-        linear.weight.copy_((w / fan_in**0.5 if scheme == "kaiming" else w).T)
-    if linear.bias is not None:
-        nn.init.normal_(linear.bias, generator=generator)  # drawn even when scaled by 0, as the notebook's b2
+    else:  # the notebook's W = randn((fan_in, fan_out), generator=g), scaled in its cell's rounding order
+        w = torch.randn(linear.weight.shape[::-1], generator=generator)
+        if cell13:  # Linear.__init__: randn / fan_in**0.5; then, after all layers are built, layer.weight *= gain
+            w = (w / fan_in**0.5 if scheme == "kaiming" else w) * gain
+        else:  # cell 6: randn * (5/3)/((n_embd * block_size)**0.5), left to right
+            w = w * gain / fan_in**0.5 if scheme == "kaiming" else w * gain
+        linear.weight.copy_(w.T)
+    if linear.bias is not None and generator is not None and cell13:
+        nn.init.zeros_(linear.bias)  # cell 13's Linear: self.bias = torch.zeros(fan_out), no draw
+    elif linear.bias is not None:
+        nn.init.normal_(linear.bias, generator=generator)  # drawn even when scaled by 0, as cell 6's b2
         linear.bias.mul_(bias_scale)
+
+
+class LectureLinear(nn.Linear):
+    """The notebook's Linear, op for op: x @ W, then + b (cell 13's class, cell 6's h @ W2 + b2), with nn.Linear's
+    parameters ((fan_out, fan_in) weight: x @ weight.T). F.linear adds the bias inside the matrix product (addmm),
+    which can round differently from the product then the sum: on this project's CPU (torch 2.13, one thread) the
+    two agree for up to 129 inputs and differ in ~40% of the outputs for 200 (cell 6's W2) and 256."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
 
 
 def _batchnorm(c: MLPConfig, dim: int) -> nn.BatchNorm1d:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from typing import Literal
 
 import lightning as L
 import torch
@@ -20,6 +21,7 @@ from torchmetrics import MeanMetric
 from mm_lightning.diagnostics.stats import first_nonfinite_module
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig, generate
+from mm_lightning.notebook_sgd import NotebookSGD
 
 LR_TAG = "train/lr"  # the learning rate's tag, for every scheduler (see configure_optimizers)
 # what a run that produced a NaN/Inf can do about it; its checkpoints are never touched by the stop
@@ -39,6 +41,7 @@ class MakemoreModule(L.LightningModule):
         lr: float = 0.1,
         milestones: list[int] = [150_000],
         lr_decay: float = 0.1,
+        update: Literal["torch", "lecture"] = "torch",
     ):
         """
         Args:
@@ -46,6 +49,8 @@ class MakemoreModule(L.LightningModule):
             lr: SGD learning rate before the first milestone (the default optimizer; --optimizer replaces it).
             milestones: optimizer steps at which the learning rate is multiplied by lr_decay.
             lr_decay: factor applied at each milestone (0.1 -> 0.01 as in the lecture).
+            update: 'torch' torch.optim.SGD (p.add_(grad, alpha=-lr), one rounding); 'lecture' the notebook's own
+                p.data += -lr * p.grad (two roundings: notebook_sgd.NotebookSGD), for the notebook-exact configs.
         """
         super().__init__()
         if not lr > 0:
@@ -54,8 +59,11 @@ class MakemoreModule(L.LightningModule):
             raise UsageError(f"--model.milestones must be positive and strictly increasing, got {list(milestones)}")
         if not 0 < lr_decay <= 1:
             raise UsageError(f"--model.lr_decay must be in (0, 1], got {lr_decay}")
+        if update not in ("torch", "lecture"):
+            raise UsageError(f"--model.update must be torch or lecture, got {update!r}")
         # plain values only, so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters({"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay})
+        hparams = {"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay, "update": update}
+        self.save_hyperparameters(hparams)
         self.net = MLP(net)
         self.num_classes = net.vocab_size  # diagnostics compare the loss at step 0 with ln(num_classes)
         # float64 sums: loss x examples must not overflow (or round) on a whole split
@@ -71,7 +79,8 @@ class MakemoreModule(L.LightningModule):
 
     def configure_optimizers(self):
         """The lecture's SGD, its learning rate multiplied by lr_decay at each milestone (counted in steps)."""
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        sgd = NotebookSGD if self.hparams["update"] == "lecture" else torch.optim.SGD
+        optimizer = sgd(self.parameters(), lr=self.hparams.lr)
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.hparams.milestones, self.hparams.lr_decay)
         # "name": the tag LearningRateMonitor logs it under (the CLI adds one: train/lr in TensorBoard)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": LR_TAG}}

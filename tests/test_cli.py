@@ -62,6 +62,7 @@ def test_restart_continues_the_same_run_directory(trained):
     assert len(best) == 1 and "step=400" in best[0].name  # val/loss improved: the best moved on
 
 
+@pytest.mark.slow
 def test_sample_predict_and_test_from_the_checkpoint(trained):
     project, root = trained["project"], str(trained["root"])
     out = run_cli(["sample", "--root_dir", root, "--num_samples", "7", "--seed", "1"], cwd=project).stdout.split()
@@ -80,6 +81,7 @@ def test_sample_predict_and_test_from_the_checkpoint(trained):
     assert f"{points[0][1]:.4f}"[:4] in tested.stdout
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_fails_without_training(project):
     proc = run_cli(
         ["fit", "--ckpt_path", "last", "--trainer.default_root_dir", "runs", *SMALL], cwd=project, check=False
@@ -99,6 +101,7 @@ def test_module_entry_point_and_console_script_agree(project):
     assert shutil.which("mm-lightning") is not None
 
 
+@pytest.mark.slow
 def test_help_shows_every_model_fields_docstring(project):
     """litgpt-style: the MLPConfig dataclass documents each field under it, and `--help` shows that text."""
     import dataclasses

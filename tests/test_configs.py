@@ -24,6 +24,7 @@ def test_default_yaml_is_the_builtin_default(project, monkeypatch):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
+@pytest.mark.slow
 def test_config_is_documented_and_fits_a_few_steps(path: Path, project, monkeypatch):
     head = path.read_text().splitlines()
     assert head[0].startswith("# "), "each config starts with a comment saying what it is"
@@ -47,6 +48,7 @@ LECTURE = sorted((ROOT / "configs" / "lecture").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", LECTURE, ids=[p.stem for p in LECTURE])
+@pytest.mark.slow
 def test_loss_at_step_0_tells_the_lectures_story(path: Path, project, monkeypatch):
     """original: confidently wrong, far above ln(27); every fixed init: within 0.15 of it."""
     import math

@@ -86,6 +86,7 @@ def _python_fit(names_file, root, steps: int) -> tuple[MakemoreModule, TrainingD
     return module, diagnostics
 
 
+@pytest.mark.slow
 def test_graphed_branch_of_the_lean_loop_equals_eager_steps_on_cpu(names_file, tmp_path, monkeypatch):
     """The lean loop's graphed branch (counters, logging, observed steps eager, the LR milestone), with the graph
     "replayed" eagerly on the CPU: bitwise the same module and diagnostics as eager lean steps."""

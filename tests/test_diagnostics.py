@@ -107,8 +107,10 @@ def test_verdicts():
     [
         ([], 0, "all healthy"),  # deep BN net: tanh std ~0.64, a few % saturated
         (NO_BN + ["--model.net.gain", "1.0"], 1, "activations shrink layer by layer"),
-        (NO_BN, 0, "all healthy"),  # gain 5/3: the first layer ~20% saturated, which the lecture accepts
-        (NO_BN + ["--model.net.gain", "3.0"], 1, "saturated (> 30%)"),
+        pytest.param(  # gain 5/3: the first layer ~20% saturated, which the lecture accepts
+            NO_BN, 0, "all healthy", marks=pytest.mark.slow
+        ),
+        pytest.param(NO_BN + ["--model.net.gain", "3.0"], 1, "saturated (> 30%)", marks=pytest.mark.slow),
     ],
     ids=["batchnorm", "no-bn-gain-1", "no-bn-gain-5/3", "no-bn-gain-3"],
 )
@@ -129,6 +131,7 @@ def test_diagnose_tells_the_lectures_stories(project, monkeypatch, capsys, extra
         assert stds == sorted(stds, reverse=True) and stds[-1] < 0.6 * stds[0]  # shrinking layer by layer
 
 
+@pytest.mark.slow
 def test_diagnose_after_training_steps_and_figures(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     assert main(["diagnose", "--steps", "300", "--save_figures", "figs", *SMALL[:4]]) == 0
@@ -159,6 +162,7 @@ def _events(run):
     return acc
 
 
+@pytest.mark.slow
 def test_fit_writes_every_diagnostic_to_tensorboard(project, monkeypatch):
     monkeypatch.chdir(project)
     _fit(project, "out", "--diagnostics.histograms_every_n_steps", "100", "--diagnostics.figures_every_n_steps", "200")
@@ -200,6 +204,7 @@ def test_fit_writes_every_diagnostic_to_tensorboard(project, monkeypatch):
     assert set(charts) == set(custom_scalars_layout())
 
 
+@pytest.mark.slow
 def test_diagnostics_do_not_change_training(project, monkeypatch):
     monkeypatch.chdir(project)
     _fit(project, "on", *SMALL[:4])
@@ -267,6 +272,7 @@ def test_callback_on_another_lightning_module(tmp_path):
     assert diagnostics.last_snapshot.step == 10
 
 
+@pytest.mark.slow
 def test_the_worker_does_not_outlive_a_killed_trainer(tmp_path):
     script = (
         "import os, sys, time\n"
@@ -369,6 +375,7 @@ def _ddp_worker(rank: int, port: int, path: str, tensors) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_statistics_are_all_reduced_across_processes(tmp_path):
     import torch.multiprocessing as mp
 
@@ -396,6 +403,7 @@ def test_statistics_are_all_reduced_across_processes(tmp_path):
     assert ddp.layers[1].dead == pytest.approx(1 / 20)
 
 
+@pytest.mark.slow
 def test_the_worker_process_computes_what_the_training_process_would(project, monkeypatch):
     """stats_in_worker is speed only: every diagnostics number, histogram and verdict is the same inline."""
     monkeypatch.chdir(project)
@@ -427,6 +435,7 @@ def test_the_worker_process_computes_what_the_training_process_would(project, mo
     assert states[0] == states[1] and states[0]["update_history"]  # the checkpoint waited for the last samples
 
 
+@pytest.mark.slow
 def test_a_dead_worker_process_leaves_the_statistics_inline(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker process exits at once
@@ -445,6 +454,7 @@ def test_a_dead_worker_process_leaves_the_statistics_inline(project, monkeypatch
     assert {e.step for tag in images for e in _events(run).Images(tag)} == {0, 100} and len(images) == 4
 
 
+@pytest.mark.slow
 def test_a_dead_statistics_worker_leaves_the_statistics_inline(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker process exits at once
@@ -521,6 +531,7 @@ print("steps", sorted(s for s, _ in diagnostics.update_history["layers.0.weight"
 """
 
 
+@pytest.mark.slow
 def test_the_package_works_copied_into_another_project(tmp_path):
     """diagnostics/ copied as another project's `mydiag`, with mm_lightning nowhere: it trains, samples, logs,
     and its worker process starts from the copy (statistics and figures)."""

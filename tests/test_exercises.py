@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +18,7 @@ from tests.conftest import ROOT
 E01 = str(ROOT / "configs" / "exercises" / "e01_zero_init.yaml")
 
 
+@pytest.mark.slow
 def test_e01_zero_init_trains_only_the_output_bias_down_to_the_letter_frequencies(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     args = ["fit", "--config", E01, "--trainer.max_steps", "3000", "--data.steps_per_epoch", "3000"]

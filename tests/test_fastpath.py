@@ -128,6 +128,7 @@ def test_lean_and_plain_loops_are_bitwise_the_same(names_file, tmp_path, hooks):
 @pytest.mark.parametrize(
     "first, second", [("true", "false"), ("false", "true")], ids=["lean-then-plain", "plain-then-lean"]
 )
+@pytest.mark.slow
 def test_a_checkpoint_of_one_path_resumes_exactly_on_the_other(project, monkeypatch, first, second):
     monkeypatch.chdir(project)
     assert _fit("whole", 260, "--data.steps_per_epoch", "100", "--model.milestones", "[150]") == 0
@@ -164,6 +165,7 @@ def test_a_checkpoint_of_one_path_resumes_exactly_on_the_other(project, monkeypa
     ],
     ids=["default", "accumulation", "bf16", "switched-off", "profiler"],
 )
+@pytest.mark.slow
 def test_one_line_says_which_path_runs_and_why(project, extra, expected):
     proc = run_cli(
         ["fit", "--trainer.max_steps", "20", "--model.net.n_layers", "1", "--diagnostics.every_n_steps", "0", *extra],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ def _net(checkpoint: dict) -> MLP:
     return net.eval()
 
 
+@pytest.mark.slow
 def test_folded_checkpoint_is_the_same_network_without_batchnorm(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     args = ["fit", "--trainer.max_steps", "300", *SMALL, "--data.steps_per_epoch", "300"]

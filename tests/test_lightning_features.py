@@ -71,6 +71,7 @@ def test_python_api_without_the_cli(names_file, tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
+@pytest.mark.slow
 def test_gradient_clipping(project, names_file, monkeypatch, algorithm):
     monkeypatch.chdir(project)
     clip = ["--trainer.gradient_clip_val", "0.05", "--trainer.gradient_clip_algorithm", algorithm]
@@ -81,6 +82,7 @@ def test_gradient_clipping(project, names_file, monkeypatch, algorithm):
     assert not torch.allclose(ref.net.layers[0].weight, unclipped.net.layers[0].weight)  # the clipping did something
 
 
+@pytest.mark.slow
 def test_gradient_accumulation(project, names_file, monkeypatch):
     """accumulate_grad_batches 3: each optimizer step sums the gradients of three minibatches (each loss / 3);
     global_step, the schedule and the logging cadence count optimizer steps."""
@@ -103,6 +105,7 @@ def test_gradient_accumulation(project, names_file, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.slow
 def test_mixed_precision_on_cpu_with_the_default_diagnostics(project, names_file, monkeypatch, precision):
     """bf16 autocast (Lightning's 16-mixed on a CPU is bf16 too), the diagnostics on at their defaults."""
     monkeypatch.chdir(project)
@@ -122,6 +125,7 @@ def test_mixed_precision_on_cpu_with_the_default_diagnostics(project, names_file
     assert all(math.isfinite(v) and v > 0 for _, v in tags[flat_tag("act/std/net.layers.2")])
 
 
+@pytest.mark.slow
 def test_val_check_interval_counts_optimizer_steps(project, names_file, monkeypatch):
     monkeypatch.chdir(project)
     _cli_fit(project / "run", 90, "--trainer.val_check_interval", "30", "--trainer.check_val_every_n_epoch", "null")
@@ -161,6 +165,7 @@ def test_callbacks_with_per_step_hooks_see_every_step(names_file, tmp_path):
     assert hooks.after_backward == pytest.approx(ref.grad_norms, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_csv_logger_beside_tensorboard(project, monkeypatch):
     """Adding a logger keeps the run's own TensorBoard (its directory, checkpoints and resume) beside it."""
     monkeypatch.chdir(project)
@@ -176,6 +181,7 @@ def test_csv_logger_beside_tensorboard(project, monkeypatch):
     assert [float(r["val/loss"]) for r in rows if r.get("val/loss")] == pytest.approx([v for _, v in tb["val/loss"]])
 
 
+@pytest.mark.slow
 def test_the_diagnostics_see_the_true_loss_under_accumulation(project, names_file, monkeypatch, capsys):
     monkeypatch.chdir(project)
     args = ["fit", "--trainer.max_steps", "20", "--trainer.default_root_dir", "run", *NET_ARGS]
@@ -194,6 +200,7 @@ def test_the_diagnostics_see_the_true_loss_under_accumulation(project, names_fil
     assert "confidently wrong" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_bad_optimizer_or_scheduler_argument_is_one_line(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     args = ["fit", "--trainer.max_steps", "5", *NET_ARGS, "--optimizer", "AdamW"]
@@ -219,6 +226,7 @@ lr_scheduler:
 
 
 @pytest.mark.parametrize("how", ["command-line", "yaml"])
+@pytest.mark.slow
 def test_optimizer_and_lr_scheduler_from_the_cli(project, names_file, monkeypatch, how):
     monkeypatch.chdir(project)
     if how == "yaml":

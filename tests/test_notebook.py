@@ -13,6 +13,7 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
 
+@pytest.mark.slow
 def test_the_lecture_notebook_runs_top_to_bottom(names_file, monkeypatch):
     monkeypatch.setenv("MM_LIGHTNING_NAMES", str(names_file))
     path = ROOT / "notebooks" / "makemore_part3.ipynb"
@@ -29,10 +30,14 @@ def test_the_lecture_notebook_runs_top_to_bottom(names_file, monkeypatch):
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith(("deep_", "original "))}
     assert float(lines["original"].split("step 0:")[1].split()[0]) > 20  # confidently wrong at init, as in the lecture
     assert "saturation" in lines["deep_nobn_gain3"] and lines["deep_bn_gain3"].endswith("healthy")
-    # the notebook-exact run: the lecture notebook's cells 14-16, as printed there
+    # the notebook-exact run: the lecture notebook's cells 14-16, as printed there, the gradient stds up to float32
+    # rounding of a std over a (32, 100) batch (the last digit is the CPU's kernels': docs/notebook-exact.md)
     assert "loss at step 0: 3.2870" in text
-    assert "saturated: 2.78%   gradient std 2.640702e-03" in text
-    assert "saturated: 1.88%   gradient std 1.952382e-03" in text
+    rows = [line for line in text.splitlines() if "   gradient std " in line]
+    assert [row.split("saturated: ")[1].split("%")[0] for row in rows] == ["2.78", "2.56", "2.25", "1.69", "1.88"]
+    printed = [2.640702e-03, 2.245584e-03, 2.045742e-03, 1.983134e-03, 1.952382e-03]
+    for row, std in zip(rows, printed, strict=True):
+        assert abs(float(row.split("gradient std ")[1]) - std) <= 0.5e-9 + 1.9e-6 * std, row
     html = [o for c in code for o in c.outputs if "text/html" in o.get("data", {})]
     assert len(html) == 2 and "<table>" in html[0]["data"]["text/html"]  # the lecture's tables, as tables
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]

@@ -3,6 +3,7 @@ loading, concurrent runs."""
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,8 +44,12 @@ def _same_state(a: dict, b: dict) -> None:
     "first, total, extra",
     [
         (200, 400, ["--data.steps_per_epoch", "100"]),  # resume at an epoch end
-        (130, 260, ["--data.steps_per_epoch", "100"]),  # between checkpoint intervals: last.ckpt is at 130
-        (100, 200, ["--data.steps_per_epoch", "100", "--model.milestones", "[150]"]),  # across the LR decay
+        pytest.param(  # between checkpoint intervals: last.ckpt is at 130
+            130, 260, ["--data.steps_per_epoch", "100"], marks=pytest.mark.slow
+        ),
+        pytest.param(  # across the LR decay
+            100, 200, ["--data.steps_per_epoch", "100", "--model.milestones", "[150]"], marks=pytest.mark.slow
+        ),
     ],
     ids=["at-epoch-end", "between-checkpoints", "across-lr-milestone"],
 )
@@ -154,11 +159,27 @@ def _tree(root: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, names_file) -> Path:
+    """One finished 100-step run, trained once for the module (the tests below only read it or refuse to touch it)."""
+    home = tmp_path_factory.mktemp("finished")
+    (home / "data").mkdir()
+    shutil.copy(names_file, home / "data" / "names.txt")
+    cwd = os.getcwd()
+    os.chdir(home)  # trained as a user would, from the project's root, with relative paths
+    try:
+        assert _fit("runs", 100, "--data.steps_per_epoch", "100") == 0
+    finally:
+        os.chdir(cwd)
+    return home / "runs"
+
+
 @pytest.fixture
-def trained(project, monkeypatch):
-    """A finished run to point bad commands at; every test checks that nothing in it changes."""
+def trained(project, monkeypatch, finished_run):
+    """A finished run to point bad commands at (a copy of finished_run in this test's own project directory); every
+    test checks that nothing in it changes."""
     monkeypatch.chdir(project)
-    assert _fit("runs", 100, "--data.steps_per_epoch", "100") == 0
+    shutil.copytree(finished_run, project / "runs", symlinks=True)
     before = _tree(project / "runs"), _tree(project / "data")
     yield project
     after = _tree(project / "runs"), _tree(project / "data")
@@ -264,6 +285,7 @@ def test_bad_sampling_arguments(trained, capsys):
     _fails(capsys, ["diagnose", "--steps", "x"], "--steps must be a whole number")
 
 
+@pytest.mark.slow
 def test_a_real_process_exits_non_zero_with_one_line(project):
     proc = run_cli(["fit", "--data.path", "missing.txt"], cwd=project, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -286,6 +308,7 @@ def test_a_non_finite_loss_stops_training_and_names_the_layer(project, monkeypat
     assert "the loss became inf at step 1; the first non-finite output is net.layers.0 (Linear)" in err
 
 
+@pytest.mark.slow
 def test_the_last_good_checkpoint_survives_divergence(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     deep = ["--model.net.n_hidden", "100", "--model.net.n_layers", "5"]
@@ -346,6 +369,7 @@ def test_a_crafted_checkpoint_cannot_run_code(trained, capsys):
 # ---------------------------------------------------------------------------------------------- concurrent runs
 
 
+@pytest.mark.slow
 def test_runs_started_together_never_share_a_directory(project):
     env = {**os.environ}
     env.pop("MM_LIGHTNING_RUN_VERSION", None)
@@ -427,6 +451,7 @@ def test_a_signal_checkpoints_the_current_step_and_the_run_continues_exactly(pro
 
 
 @pytest.mark.parametrize("how", ["copied", "moved"])
+@pytest.mark.slow
 def test_a_moved_or_copied_run_continues_in_place(project, monkeypatch, how):
     """cp -a A B (or mv A B), then fit in B: B's own last.ckpt goes on (no last-v1.ckpt), A is untouched."""
     import shutil
@@ -450,6 +475,7 @@ def test_a_moved_or_copied_run_continues_in_place(project, monkeypatch, how):
     assert _last("B")["global_step"] == 500
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_keeps_its_last_val_loss(project, monkeypatch):
     """A run that had finished, resumed with no steps left (or killed after its final checkpoint): its final
     val/loss point stays in TensorBoard (the resumed writer purges from the checkpoint's step on)."""
@@ -477,6 +503,7 @@ def test_a_data_path_that_is_not_a_regular_file_is_refused_at_once(project, monk
     assert len(err) == 1 and f"data file {target} is" in err[0] and "--data.path FILE" in err[0], err
 
 
+@pytest.mark.slow
 def test_checkpoints_get_the_mode_new_files_get(project, monkeypatch):
     monkeypatch.chdir(project)
     previous = os.umask(0o022)
@@ -488,6 +515,7 @@ def test_checkpoints_get_the_mode_new_files_get(project, monkeypatch):
         assert ckpt.stat().st_mode & 0o777 == 0o644, ckpt  # readable by the group and others, as any new file
 
 
+@pytest.mark.slow
 def test_one_run_has_one_writer(project, monkeypatch):
     """Two `fit --ckpt_path last` of one run at once: the second is refused in one line naming the first's pid; the
     lock goes with its holder (a killed one included), so the run can be continued afterwards."""
@@ -559,6 +587,7 @@ def test_sample_streams_any_number_of_names(trained, capsys, monkeypatch):
     assert len(chunked) == 30 and chunked[:7] == capsys.readouterr().out.split()  # the first chunk as one batch
 
 
+@pytest.mark.slow
 def test_sample_into_a_closed_pipe_stops_quietly(trained):
     script = "import sys; from mm_lightning.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", script, "sample", "--root_dir", "runs", "--num_samples", "50000"]
@@ -597,11 +626,13 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(trained, capsys, damage, ex
     assert not (trained / "fresh").exists()
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_earlier_checkpoint_survives(project, capsys, monkeypatch):
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_earlier_checkpoint_survives(
+    project, capsys, monkeypatch, finished_run
+):
     import errno
 
     monkeypatch.chdir(project)
-    assert _fit("runs", 100, "--data.steps_per_epoch", "100") == 0
+    shutil.copytree(finished_run, project / "runs", symlinks=True)  # a 100-step run, 100 steps an epoch
     trained = project
 
     real = os.fsync

@@ -420,6 +420,7 @@ def test_other_callbacks_hooks_before_and_after_ours():
     assert before.calls == after.calls == 3 and diag.last_snapshot.step == 2
 
 
+@pytest.mark.slow
 def test_csv_logger_gets_the_scalars_and_figures_go_to_png(tmp_path, capsys):
     import csv
 

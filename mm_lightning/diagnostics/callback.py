@@ -33,9 +33,18 @@ from .outputs import (
     snapshot_series,
     tensorboard_scalars,
 )
-from .select import Watched, chosen_layers, default_layers, describe, groups
-from .stats import CapturedLayer, CapturedParams, Snapshot, summarize
-from .verdicts import CHECKS, HealthThresholds, Verdict, judge
+from .select import (
+    Watched,
+    after_channels_first,
+    chosen_layers,
+    default_layers,
+    describe,
+    groups,
+    normalised_groups,
+    untrained_parts,
+)
+from .stats import CapturedLayer, CapturedParams, Snapshot, is_activation, summarize
+from .verdicts import CHECKS, Context, HealthThresholds, Verdict, judge, optimizer_family
 from .worker import Worker, figures_job
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX} if dist.is_available() else {}
@@ -51,6 +60,34 @@ class DiagnosticsConfigError(ValueError):
 def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     dist.all_reduce(t, op=_OPS[op])
     return t
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now: a forward called then is gradient checkpointing's
+    recomputation of one already measured, not a real forward."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _measured_part(output) -> tuple[torch.Tensor | None, str]:
+    """The float tensor measured in a module's output, and what it is when the output is not a tensor itself."""
+    if isinstance(output, torch.Tensor):
+        return output, ""
+    if isinstance(output, dict):
+        items = list(output.items())
+    elif isinstance(output, (tuple, list)):
+        items = list(enumerate(output))
+    else:
+        return None, ""
+    for key, value in items:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            where = (
+                f"key {key!r} of the dict"
+                if isinstance(output, dict)
+                else f"element {key} of the {type(output).__name__}"
+            )
+            return value, f"its output is a {type(output).__name__} of {len(items)}: {where} is measured"
+    return None, ""
 
 
 def _say(message: str) -> None:
@@ -81,9 +118,15 @@ def _settle(worker: Worker, timeout: float) -> bool:
     return True
 
 
+EXIT_WAIT = 0.5  # seconds a script's exit waits for figures still being drawn (TrainingDiagnostics.wait() for more)
+
+
 @atexit.register
-def _settle_all(timeout: float = 60.0) -> None:
-    """At exit: the last figures written (or drawn here, if their worker died) before the interpreter goes."""
+def _settle_all(timeout: float = EXIT_WAIT) -> None:
+    """At exit, for up to EXIT_WAIT seconds: the last figures written (or drawn here, if their worker died).
+    Longer is not needed: a worker that is alive finishes the figures already sent to it and writes them itself
+    after this process has gone (its stdin closes; see worker.py). Waiting for it cost a short script's exit 1.4 s
+    on a quiet machine and up to 42 s under load (issue 21); `wait()` waits on purpose, as the CLI does."""
     deadline = time.monotonic() + timeout
     for worker in list(_FINISHING):
         _settle(worker, max(deadline - time.monotonic(), 0.0))
@@ -162,6 +205,15 @@ class TrainingDiagnostics(Callback):
         self._handles: list = []
         self._layers: list[CapturedLayer] = []
         self._calls: dict[str, int] = {}  # forward calls of each watched module in this step
+        self._no_grad_yet: dict[str, list[CapturedLayer]] = {}  # measured under no_grad (reentrant checkpointing)
+        self._order: dict[str, int] | None = None  # first sample: each watched call's and parameterised call's rank
+        self._outputs_found = False
+        self.output_layers: set[str] = set()  # watched layers after which no parameterised module runs
+        self._normalised: set[str] = set()  # parts of the model with normalisation layers (see select)
+        self._trained_how: dict[str, str] = {}  # parameter -> its optimizer's family (see verdicts.optimizer_family)
+        self._lr_set: dict[str, float] = {}  # parameter -> the learning rate set (its scheduler's base)
+        self._at_step: dict[int, tuple[dict[str, float], set[str]]] = {}  # sampled step -> lr shortfall, frozen
+        self.lr_shortfall: dict[str, list[tuple[int, float]]] = {}  # aligned with update_history (see Context)
         self._unmeasured: dict[str, str] = {}  # watched module -> why its output was not measured (said once)
         self._params: list[CapturedParams] = []
         self._before: dict[int, torch.Tensor] = {}  # per optimizer: its rows, once the parameters are saved
@@ -191,6 +243,15 @@ class TrainingDiagnostics(Callback):
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         if self.patterns is None:
             chosen, self._rule = default_layers(pl_module)
+            trained = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+            skipped = untrained_parts(pl_module, trained) if trained else []
+            inside = lambda n, parts: any(n == s or n.startswith(s + ".") for s in parts)  # noqa: E731
+            if any(inside(n, skipped) for n, _ in chosen):
+                chosen = [(n, m) for n, m in chosen if not inside(n, skipped)]
+                self._rule += (
+                    f"; not in {', '.join(skipped)}: no parameter there trains (an EMA or teacher copy, a frozen "
+                    "part), pass layers=[...] to watch it"
+                )
         else:
             chosen, self._rule = chosen_layers(pl_module, self.patterns), f"layers={self.patterns}"
             if not chosen:
@@ -199,9 +260,13 @@ class TrainingDiagnostics(Callback):
                     "give module paths (see the model summary) or class names such as Tanh"
                 )
         group = groups(pl_module, [n for n, _ in chosen])
-        self.watched = [Watched(n, m, group[n]) for n, m in chosen]
+        self.watched = [
+            Watched(n, m, group[n], is_activation(m) and after_channels_first(pl_module, n)) for n, m in chosen
+        ]
         self._depth = {w.name: i for i, w in enumerate(self.watched)}
         self._depth |= {name: i for i, (name, _) in enumerate(pl_module.named_parameters())}
+        self._normalised = normalised_groups(pl_module, group)
+        self._order, self.output_layers, self._outputs_found = None, set(), False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._running = (trainer, pl_module)
@@ -244,9 +309,14 @@ class TrainingDiagnostics(Callback):
             return
         self._sampling, self._loss, self._grad_scale, self._later_micro_batch = step, None, 1.0, False
         self._layers, self._params, self._before, self._calls = [], [], {}, {}
-        self._stepped_optimizers = set()
+        self._stepped_optimizers, self._no_grad_yet = set(), {}
         for w in self.watched:
             self._handles.append(w.module.register_forward_hook(partial(self._on_forward, w)))
+        if not self._outputs_found:  # the first sample: which watched layers are output layers (see _find_outputs)
+            self._order, self._rank = {}, 0
+            for name, module in pl_module.named_modules():  # not the root: its forward (if any) returns last
+                if name and any(True for _ in module.parameters(recurse=False)):
+                    self._handles.append(module.register_forward_hook(self._on_parameterised_forward))
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._on_pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._on_post_step))
@@ -255,13 +325,24 @@ class TrainingDiagnostics(Callback):
     def _stepped(self) -> bool:
         return bool(self._running) and len(self._stepped_optimizers) >= len(self._running[0].optimizers)
 
+    def _on_parameterised_forward(self, module, inputs, output) -> None:
+        if self._order is not None and not self._stepped and not _in_backward():
+            self._order[""] = self._rank = self._rank + 1  # the latest call of a module with parameters of its own
+
     def _on_forward(self, w: Watched, module, inputs, output) -> None:
         if self._stepped or self._later_micro_batch:
             return  # after the update (manual optimization), or another micro-batch of the same step
-        tensor = output[0] if isinstance(output, (tuple, list)) and output else output  # RNNs: (output, state)
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        tensor, what = _measured_part(output)  # RNNs: (output, state): element 0, as select.py says
+        if tensor is None:
             self._unmeasured.setdefault(w.name, f"its output is a {type(output).__name__}, not a float tensor")
             return
+        if _in_backward():  # checkpointing recomputes it: measured at its real call, whose gradient may only be here
+            waiting = self._no_grad_yet.get(w.name)
+            if waiting and tensor.requires_grad:
+                self._keep_grad(tensor, waiting.pop(0))
+            return
+        if what and w.kind not in ("RNN", "LSTM", "GRU"):
+            self._unmeasured.setdefault(w.name, what)
         calls = self._calls[w.name] = self._calls.get(w.name, 0) + 1
         if calls > MAX_CALLS:
             self._unmeasured.setdefault(w.name, f"called more than {MAX_CALLS} times a step; its first are measured")
@@ -274,14 +355,28 @@ class TrainingDiagnostics(Callback):
         name = w.name if calls == 1 else f"{w.name}#{calls}"  # a reused module: each call a layer of its own
         captured = CapturedLayer(name, None, t, kind=w.kind, bounds=w.bounds, group=w.group)
         self._layers.append(captured)
+        if self._order is not None:
+            self._order[name] = self._rank = self._rank + 1
         if tensor.requires_grad:
+            self._keep_grad(tensor, captured)
+        elif torch.is_grad_enabled() is False:  # a checkpointed segment (use_reentrant=True) runs without grad
+            self._no_grad_yet.setdefault(w.name, []).append(captured)
 
-            def keep_grad(grad: torch.Tensor) -> None:
-                if captured.grad is None and not self._stepped:
-                    g = grad.detach().to(torch.float32, copy=True)
-                    captured.grad = g if self._grad_scale == 1.0 else g.div_(self._grad_scale)
+    def _keep_grad(self, tensor: torch.Tensor, captured: CapturedLayer) -> None:
+        def keep_grad(grad: torch.Tensor) -> None:
+            if captured.grad is None and not self._stepped:
+                g = grad.detach().to(torch.float32, copy=True)
+                captured.grad = g if self._grad_scale == 1.0 else g.div_(self._grad_scale)
 
-            tensor.register_hook(keep_grad)
+        tensor.register_hook(keep_grad)
+
+    def _find_outputs(self) -> None:
+        """After the first sample: the watched layers called after the last module with parameters of its own
+        (a VAE's Sigmoid before its BCE): output layers, saturated on purpose (see verdicts)."""
+        if self._order is not None:
+            last = self._order.get("", -1)
+            self.output_layers = {n for n, rank in self._order.items() if n and rank > last}
+            self._order, self._outputs_found = None, True  # done: not measured again
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         """Under 16-mixed the loss is multiplied by the GradScaler's scale before backward: so is every gradient
@@ -321,8 +416,23 @@ class TrainingDiagnostics(Callback):
         params, _, names, shapes, order = self._rows(optimizer)
         self._flatten_into(params, rows[1])
         rows[1].sub_(rows[0])  # the real change the optimizer made (clipped, unscaled, momentum: all included)
-        self._flatten_into([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], rows[2])
+        grads = [
+            torch.zeros_like(p) if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params
+        ]
+        self._flatten_into(grads, rows[2])  # (a sparse gradient, nn.Embedding(sparse=True), made dense)
         self._params.append(CapturedParams(names, shapes, rows, order))
+        family = optimizer_family(optimizer)
+        shortfall, frozen = self._at_step.setdefault(self._sampling, ({}, set()))
+        for group in optimizer.param_groups:
+            lr, base = group.get("lr"), group.get("initial_lr", group.get("lr"))
+            # log10(lr set / lr used): a warm-up's or a decay's factor; NaN where the lr is 0 (no update to judge)
+            lr, base = float(lr or 0.0), float(base or 0.0)  # (a tensor lr too)
+            gap = math.log10(base / lr) if lr > 0 and base > 0 else math.nan
+            for p in group["params"]:
+                name = self._param_names.get(id(p), "")
+                self._trained_how[name], shortfall[name], self._lr_set[name] = family, gap, base
+                if p.grad is None:
+                    frozen.add(name)
         self._stepped_optimizers.add(id(optimizer))
 
     def _remove_hooks(self) -> None:
@@ -344,6 +454,7 @@ class TrainingDiagnostics(Callback):
         if not self._stepped and trainer.global_step == self._sampling:
             return  # e.g. accumulating gradients: the optimizer has not stepped yet
         self._remove_hooks()
+        self._find_outputs()
         step, params = self._sampling, _merge(self._params)
         if params is None:  # Lightning counted a step no optimizer made: the GradScaler skipped it
             for x in self._layers:
@@ -500,15 +611,25 @@ class TrainingDiagnostics(Callback):
     # ---------------------------------------------------------------------------------------------- results
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, s: Snapshot) -> None:
+        shortfall, frozen = self._at_step.pop(s.step, ({}, set()))
         for p in s.weights:
             if p.log10_update_ratio is not None and not math.isnan(p.log10_update_ratio):
                 self.update_history.setdefault(p.name, []).append((s.step, p.log10_update_ratio))
+                self.lr_shortfall.setdefault(p.name, []).append((s.step, shortfall.get(p.name, 0.0)))
         expected = self.expected_initial_loss
         if expected is None and getattr(pl_module, "num_classes", None):
             expected = math.log(pl_module.num_classes)
         window = self.health.update_ratio_window
         history = {name: [v for _, v in points[-window:]] for name, points in self.update_history.items()}
-        verdicts = judge(s, self.health, expected, history)
+        context = Context(
+            optimizer=self._trained_how,
+            lr_shortfall={name: [v for _, v in points[-window:]] for name, points in self.lr_shortfall.items()},
+            lr_set=self._lr_set,
+            frozen=frozen,
+            output_layers=self.output_layers,
+            normalised_groups=self._normalised,
+        )
+        verdicts = judge(s, self.health, expected, history, context)
         self.last_snapshot, self.last_verdicts = s, verdicts
         if not trainer.is_global_zero:
             return
@@ -596,11 +717,13 @@ class TrainingDiagnostics(Callback):
         return {
             "update_history": {k: [list(p) for p in v] for k, v in self.update_history.items()},
             "warned": sorted(list(w) for w in self.warned),
+            "lr_shortfall": {k: [list(p) for p in v] for k, v in self.lr_shortfall.items()},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.update_history = {k: [tuple(p) for p in v] for k, v in state_dict.get("update_history", {}).items()}
         self.warned = {tuple(w) for w in state_dict.get("warned", [])}
+        self.lr_shortfall = {k: [tuple(p) for p in v] for k, v in state_dict.get("lr_shortfall", {}).items()}
 
 
 def _artifact_dir(logger) -> str | None:

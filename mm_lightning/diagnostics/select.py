@@ -29,11 +29,12 @@ CHANNELS_FIRST = (_ConvNd, _BatchNorm, _MaxPoolNd, _AvgPoolNd, _AdaptiveAvgPoolN
 class Watched:
     """A watched module: its path, and how to read its output."""
 
-    def __init__(self, name: str, module: nn.Module, group: str):
+    def __init__(self, name: str, module: nn.Module, group: str, after_channels_first: bool = False):
         self.name, self.module, self.group = name, module, group
         self.kind = type(module).__name__
         self.bounds = bounds_of(module)
-        self.channels_first_3d = isinstance(module, CHANNELS_FIRST)
+        # an element-wise activation keeps its input's layout: after a Conv1d, its 3-D output is (batch, channels, L)
+        self.channels_first_3d = isinstance(module, CHANNELS_FIRST) or after_channels_first
 
     def channel_dim(self, ndim: int) -> int:
         """Where a unit's values lie in an output of ndim dimensions: dim 1 for (batch, channels, ...) outputs of 4
@@ -67,6 +68,45 @@ def default_layers(root: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
         rule = "the outputs of its Linear/Conv layers, before their activation"
     keep = {n for n, _ in recurrent} | {n for n, _ in fallback}
     return [(n, m) for n, m in modules if n in keep], f"{rule}{also}: it has no activation module"
+
+
+def after_channels_first(root: nn.Module, name: str) -> bool:
+    """Whether the sibling just before module `name` in its parent (skipping activations and dropouts) is
+    conv-like: an activation module after a Conv1d or BatchNorm1d of a conv stack gets (batch, channels, L)."""
+    parent_name, _, own = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    before = None
+    for child_name, child in parent.named_children():
+        if child_name == own:
+            break
+        if not (is_activation(child) or isinstance(child, nn.modules.dropout._DropoutNd)):
+            before = child
+    return isinstance(before, CHANNELS_FIRST)
+
+
+def untrained_parts(root: nn.Module, trained: set[int]) -> list[str]:
+    """The outermost modules that hold parameters none of which trains (requires_grad=False, or in no optimizer):
+    an EMA or teacher copy kept on the module, a frozen backbone. `trained`: ids of the optimizers' parameters
+    that require a gradient. Their activations change only with their input: not watched by default."""
+    found: list[str] = []
+    for name, module in root.named_modules():
+        if not name or any(name.startswith(f + ".") for f in found):
+            continue
+        params = list(module.parameters())
+        if params and not any(id(p) in trained and p.requires_grad for p in params):
+            found.append(name)
+    return found
+
+
+def normalised_groups(root: nn.Module, group_of: dict[str, str]) -> set[str]:
+    """The parts of the model (values of select.groups) holding a normalisation layer (a class named *Norm*:
+    torch's BatchNorm/LayerNorm/GroupNorm/RMSNorm and a project's own LayerNorm or RMSNorm alike)."""
+    norms = [n for n, m in root.named_modules() if n and "norm" in type(m).__name__.lower()]
+    out = set()
+    for group in set(group_of.values()):
+        if any(not group or n == group or n.startswith(group + ".") for n in norms):
+            out.add(group)
+    return out
 
 
 def chosen_layers(root: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:

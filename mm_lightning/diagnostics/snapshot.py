@@ -30,6 +30,7 @@ class LayerStats:
     hist: Histogram | None = None
     grad_hist: Histogram | None = None
     group: str = ""  # the part of the model it lies in: std-ratio verdicts compare layers of one group and kind
+    values_per_unit: int | None = None  # values each unit was seen in (batch x positions): the evidence of "dead"
 
 
 @dataclass

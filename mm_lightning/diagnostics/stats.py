@@ -195,6 +195,7 @@ class _Layers:
                     constant = [c or s >= 1.0 for c, s in zip(constant, every[u])]
                 mean, std = _mean_std(*m[j::k])
                 out[i] = LayerStats(x.name, x.kind, mean, std, saturation, sum(constant) / units, group=x.group)
+                out[i].values_per_unit = self._stack(idx).shape[1]
         for idx, handle in self.hg:
             g, k = get(handle), len(idx)
             for j, i in enumerate(idx):
@@ -242,10 +243,10 @@ def _moments(x: torch.Tensor, robust: bool) -> torch.Tensor:
     """(4, L) moments of each slice x[l]: count, sum and sum of squares (float64), and the NaN/Inf count."""
     flat = x.reshape(x.shape[0], -1)
     n = torch.full((flat.shape[0],), float(flat.shape[1]), dtype=torch.float64, device=x.device)
-    if robust:
+    if robust:  # float64: finite values above ~1e18 overflow float32 sums of squares (they are not NaN/Inf)
         finite = torch.isfinite(flat)
         bad = (~finite).sum(1).to(torch.float64)
-        flat = torch.where(finite, flat, 0.0)
+        flat = torch.where(finite, flat, 0.0).to(torch.float64)
         n = n - bad
     else:
         bad = torch.zeros_like(n)
@@ -272,6 +273,13 @@ class _Params:
             start += count * size
 
     def collect(self, p: _Packer, robust: bool = False) -> None:
+        if robust:  # again after a NaN/Inf or an overflow: float64, so finite values above ~1e18 stay finite
+            means = [v.to(torch.float64).mean(2) for v in self.runs]
+            variances = [
+                v.to(torch.float64).var(2) if v.shape[2] > 1 else torch.zeros_like(m) for v, m in zip(self.runs, means)
+            ]
+            self.h = {"var": p.add("sum", torch.cat(variances, 1)), "mean": p.add("sum", torch.cat(means, 1))}
+            return
         runs = self.runs
         # two float32 passes: the mean, then the norm of the centred values (accurate for a gamma near 1 with a
         # tiny spread, where sum-of-squares minus mean squared cancels), 9x faster than accumulating in float64

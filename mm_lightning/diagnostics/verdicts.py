@@ -1,14 +1,29 @@
 """Health verdicts: is training healthy, judged from one sampled step's statistics (and the update history).
 
+Each rule is a rule of thumb from the lecture (an SGD-trained tanh MLP), so each one says when it applies and is
+silent (or passes, saying "not judged" and why) where it does not; `Context` tells it what is trained how:
+- saturation and dead units: hidden layers only. An output layer (no parameterised module runs after it, as a
+  VAE's Sigmoid before BCE) saturates on purpose; a recurrent layer's output is a gated mix whose gradient also
+  flows through its gates and cell, so its |h| near 1 blocks nothing (a GRU after its task is solved).
+- activation and gradient std ratios: within one kind of layer in one part of the model, and only where that part
+  has no normalisation layer. Gain decides the scale only without normalisation (the lecture's point: with
+  BatchNorm the gain hardly matters); a residual stream behind LayerNorms grows with depth by design (a pre-LN
+  residual MLP at init: 0.23 -> 0.62; GPT-style models after a few dozen steps).
+- update ratio: weights with a gradient (a frozen parameter left in the optimizer is said so, not "barely learns"),
+  with a band per optimizer family (SGD: the lecture's; Adam-like: its own, see HealthThresholds), judged at the
+  learning rate the user set (a warm-up or a decayed schedule is not "barely learns"), and "too high" only while the
+  ratio is not falling (a parameter growing out of a tiny init, like a ViT's cls_token, starts high by design).
+
 The defaults are calibrated on the lecture's stories at init: the deep BatchNorm net (tanh std 0.64, 3% saturated)
 and the 5/3-gain net without BatchNorm (first layer 20% saturated) pass; gain 1 without BatchNorm (activations
-shrinking 0.62 -> 0.31 over five layers) and gain 3 (40-47% saturated) fail.
+shrinking 0.62 -> 0.31 over five layers) and gain 3 (40-47% saturated) fail. tests/test_verdict_zoos.py holds the
+healthy models (no failing verdict at any sample) and the broken ones (caught, naming the layer) they were checked on.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .snapshot import LayerStats, Snapshot
 
@@ -30,7 +45,15 @@ class HealthThresholds:
     max_saturation: float = 0.30
     """Largest fraction of a bounded activation's outputs past the saturation threshold (|tanh| > 0.97)."""
     max_dead: float = 0.05
-    """Largest fraction of a layer's units that are saturated or constant over the whole batch."""
+    """Largest fraction of a layer's units that are saturated or constant over the whole batch (and positions)."""
+    max_dead_few_values: float = 0.5
+    """The same for an unbounded activation (ReLU, GELU, ...) whose units are each seen in fewer than
+    dead_evidence values (one small batch of per-feature units): a unit zero on 32 examples may fire on others.
+    Measured: a healthy VAE's ReLU encoder (Adam, batches of 32) has up to 37% of its units zero over a batch (6-15%
+    dead over the whole data set); ReLUs behind a bias of -10 are 100% dead."""
+    dead_evidence: int = 256
+    """Values per unit (batch x positions) from which max_dead applies to unbounded activations: a conv channel
+    over a batch of 32 8x8 images has 2048, a Linear's unit over a batch of 32 has 32."""
     activation_std_ratio: float = 0.6
     """std of the last watched layer's output over the first's must lie in [r, 1/r]: beyond, activations shrink
     (or grow) layer by layer. Compared within one kind of layer in one part of the model only."""
@@ -38,9 +61,26 @@ class HealthThresholds:
     """std of the first watched layer's output gradient over the last's must lie in [1/r, r]: beyond, gradients
     vanish (or explode) on their way back. Compared within one kind of layer in one part of the model only."""
     update_ratio_low: float = -4.0
-    """log10(update:data) below this for update_ratio_window samples in a row: the parameter barely learns."""
-    update_ratio_high: float = -2.0
-    """log10(update:data) above this for update_ratio_window samples in a row: updates too large."""
+    """SGD-like optimizers: log10(update:data), at the learning rate set (see Context.lr_shortfall), below this for
+    update_ratio_window samples in a row: the parameter barely learns. The lecture: ~-3 is healthy."""
+    update_ratio_high: float = -1.0
+    """SGD-like optimizers: log10(update:data) above this for update_ratio_window samples in a row, and not falling:
+    updates too large (each step moves the weights by a tenth of their spread: the lecture's "e.g. -1, too fast").
+    Not the lecture's -2: its own deep net's last layer sits at -1.9 at init (grad:data 0.116 x lr 0.1), and the same
+    recipe (tests' lecture-mlp-sgd) keeps its last Linear at -1.6 ... -1.8 over 300 healthy steps."""
+    adaptive_update_ratio_low: float = -4.0
+    """Adam-like optimizers (Adam, AdamW, RMSprop, Adagrad, ...): an update is at most about lr per element whatever
+    the gradient's size (less where the gradient is mostly noise: a ViT's patch embedding at lr 1e-3 and weights of
+    std 0.29 sits at -4.2 after 250 healthy steps). So "barely learns" needs both the ratio and lr set / std(weights)
+    below this: the learning rate is 1e-4 of the weights' scale (lr 1e-7 on weights of std 0.1: -6; fine-tuning at
+    lr 1e-5 on std-0.02 weights: -3.3)."""
+    adaptive_update_ratio_high: float = -0.5
+    """Adam-like optimizers: above this (each step moves the weights by a third of their spread), sustained and not
+    falling. Healthy AdamW at lr 1e-3 on std-0.02 weights sits at -1.3 (measured on a nanoGPT-style model whose
+    loss fell 3.5 -> 0.57); lr 1e-2, where such models diverge, gives -0.3."""
+    update_ratio_falling: float = 0.3
+    """A ratio that fell by more than this (log10) over the window is settling, not "too high": a parameter
+    growing from a tiny or zero init (a cls_token of std 1e-6, a position embedding of zeros) starts far above."""
     update_ratio_window: int = 10
     """Consecutive sampled steps an update ratio must stay out of range before it is reported."""
     initial_loss_tolerance: float = 0.5
@@ -61,6 +101,45 @@ def _comparable(layers: list[LayerStats]) -> dict[tuple[str, str], list[LayerSta
     return out
 
 
+# optimizer classes (by name, so that torch_optimizer's, bitsandbytes' and apex's count too) whose update is
+# normalised per element, about lr whatever the gradient's size
+ADAPTIVE_OPTIMIZERS = frozenset(
+    "Adam AdamW Adamax NAdam RAdam SparseAdam Adagrad Adadelta RMSprop Lion Adafactor LAMB Lamb AdamW8bit Adam8bit "
+    "PagedAdamW FusedAdam FusedLAMB".split()
+)
+SGD_OPTIMIZERS = frozenset("SGD ASGD LARS FusedSGD".split())
+RECURRENT_KINDS = frozenset({"RNN", "LSTM", "GRU"})
+
+
+def optimizer_family(optimizer) -> str:
+    """'adaptive', 'sgd' or '' (unknown: update ratios are not judged), from the class or one of its bases."""
+    for cls in type(optimizer).__mro__:
+        if cls.__name__ in ADAPTIVE_OPTIMIZERS:
+            return "adaptive"
+        if cls.__name__ in SGD_OPTIMIZERS:
+            return "sgd"
+    return ""
+
+
+@dataclass
+class Context:
+    """What the statistics cannot say: how each part is trained and what role each layer plays (plain values)."""
+
+    optimizer: dict[str, str] = field(default_factory=dict)
+    """parameter -> its optimizer's family ('adaptive', 'sgd', '': unknown, not judged)"""
+    lr_shortfall: dict[str, list[float]] = field(default_factory=dict)
+    """parameter -> log10(learning rate set / learning rate used) at each sample of the update history (aligned
+    with it): a warm-up or a decayed schedule. The learning rate set is the scheduler's base ('initial_lr')."""
+    lr_set: dict[str, float] = field(default_factory=dict)
+    """parameter -> the learning rate set (the scheduler's base), for Adam-like optimizers' 'barely learns'"""
+    frozen: set[str] = field(default_factory=set)
+    """parameters without a gradient at the sample (requires_grad=False, or unused): not trained"""
+    output_layers: set[str] = field(default_factory=set)
+    """watched layers after which no parameterised module runs: the model's output, saturated on purpose"""
+    normalised_groups: set[str] = field(default_factory=set)
+    """parts of the model (see select.groups) that hold a normalisation layer (*Norm*): std ratios not judged"""
+
+
 @dataclass
 class Verdict:
     check: str  # one of CHECKS
@@ -74,19 +153,13 @@ def judge(
     t: HealthThresholds,
     expected_loss: float | None = None,
     update_history: dict[str, list[float]] | None = None,
+    context: Context | None = None,
 ) -> list[Verdict]:
-    """Every verdict for this snapshot, passing and failing, in the order of CHECKS."""
-    out: list[Verdict] = []
+    """Every verdict for this snapshot, passing and failing, in the order of CHECKS. Without a context every rule
+    applies to every layer and weight (SGD's band), as in the lecture."""
+    out: list[Verdict] = [_nonfinite(snapshot)]
     layers, weights = snapshot.layers, snapshot.weights
-
-    bad = [x.name for x in layers if not all(map(math.isfinite, (x.mean, x.std)))]
-    bad += [x.name + " (gradient)" for x in layers if x.grad_std is not None and not math.isfinite(x.grad_std)]
-    bad += [p.name + " (gradient)" for p in snapshot.params if p.grad_std is not None and not math.isfinite(p.grad_std)]
-    if snapshot.loss is not None and not math.isfinite(snapshot.loss):
-        bad.insert(0, "the loss")
-    out.append(
-        Verdict("nonfinite", bad[0] if bad else "", not bad, f"NaN/Inf first in {bad[0]}" if bad else "all finite")
-    )
+    c = context or Context()
 
     if snapshot.step == 0 and expected_loss is not None and snapshot.loss is not None:
         gap = abs(snapshot.loss - expected_loss)
@@ -96,11 +169,18 @@ def judge(
                 "",
                 gap <= t.initial_loss_tolerance,
                 f"loss at step 0 is {snapshot.loss:.4f}, ln(classes) = {expected_loss:.4f}"
-                + ("" if gap <= t.initial_loss_tolerance else ": the initial predictions are confidently wrong"),
+                + (
+                    ""
+                    if gap <= t.initial_loss_tolerance
+                    else ": the initial predictions are confidently wrong; scale the output layer's weights down "
+                    "(x0.1) and its bias to zero"
+                ),
             )
         )
 
-    for x in layers:
+    # hidden layers only: an output layer saturates on purpose, a recurrent layer's gradient has its gates' path
+    hidden = [x for x in layers if x.name not in c.output_layers and x.kind not in RECURRENT_KINDS]
+    for x in hidden:
         if x.saturation is not None:
             ok = x.saturation <= t.max_saturation
             out.append(
@@ -109,71 +189,139 @@ def judge(
                     x.name,
                     ok,
                     f"{x.name} ({x.kind}) {100 * x.saturation:.1f}% saturated"
-                    + ("" if ok else f" (> {100 * t.max_saturation:.0f}%): its gradients are blocked; lower the gain"),
+                    + (
+                        ""
+                        if ok
+                        else f" (> {100 * t.max_saturation:.0f}%): its gradients are blocked; lower the gain of the "
+                        "layer feeding it (or normalise its input)"
+                    ),
                 )
             )
-    for x in layers:
-        ok = x.dead <= t.max_dead
+    for x in hidden:
+        few = x.saturation is None and x.values_per_unit is not None and x.values_per_unit < t.dead_evidence
+        ok = x.dead <= (t.max_dead_few_values if few else t.max_dead)
+        fix = "lower the init scale feeding it" if x.saturation is not None else "check its bias and learning rate"
         out.append(
             Verdict(
                 "dead_units",
                 x.name,
                 ok,
                 f"{x.name} ({x.kind}) {100 * x.dead:.1f}% of units dead"
-                + ("" if ok else " (saturated or constant for the whole batch): they never learn"),
+                + ("" if ok else f" (saturated or constant for the whole batch): they never learn; {fix}"),
             )
         )
 
     for (group, kind), same in _comparable(layers).items():  # first and last layer of one kind in one part
         first, last = same[0], same[-1]
+        subject = f"{group} {kind}".strip()
+        normalised = group in c.normalised_groups
         if len(same) >= 2 and first.std > 0 and math.isfinite(last.std):
             r = last.std / first.std
             lo, hi = t.activation_std_ratio, 1 / t.activation_std_ratio
-            ok = lo <= r <= hi
-            trend = "shrink" if r < lo else "grow"
-            out.append(
-                Verdict(
-                    "activation_std_ratio",
-                    f"{group} {kind}".strip(),
-                    ok,
-                    f"activation std {first.std:.3f} -> {last.std:.3f} from {first.name} to {last.name} ({kind})"
-                    + (
-                        ""
-                        if ok
-                        else f": activations {trend} layer by layer; the gain is too {'low' if r < lo else 'high'}"
-                    ),
+            ok = normalised or lo <= r <= hi
+            message = f"activation std {first.std:.3f} -> {last.std:.3f} from {first.name} to {last.name} ({kind})"
+            if normalised:
+                message += f" (not judged: {group or 'the model'} normalises its layers' inputs)"
+            elif not ok:
+                message += (
+                    f": activations {'shrink' if r < lo else 'grow'} layer by layer; the gain is too "
+                    f"{'low' if r < lo else 'high'} (in a residual network: normalise each block's input, or scale "
+                    "its last layer's init down)"
                 )
-            )
+            out.append(Verdict("activation_std_ratio", subject, ok, message))
         grads = [x for x in same if x.grad_std is not None]
-        if len(grads) >= 2 and grads[-1].grad_std and grads[-1].grad_std > 0:
+        if len(grads) >= 2 and grads[-1].grad_std and grads[-1].grad_std > 0 and math.isfinite(grads[0].grad_std):
             r = grads[0].grad_std / grads[-1].grad_std
-            ok = 1 / t.gradient_std_ratio <= r <= t.gradient_std_ratio
-            trend = "vanish" if r < 1 else "explode"
-            out.append(
-                Verdict(
-                    "gradient_std_ratio",
-                    f"{group} {kind}".strip(),
-                    ok,
-                    f"output-gradient std {grads[0].grad_std:.2e} ({grads[0].name}) vs {grads[-1].grad_std:.2e} "
-                    f"({grads[-1].name}, {kind})" + ("" if ok else f": gradients {trend} on their way back"),
-                )
+            ok = normalised or 1 / t.gradient_std_ratio <= r <= t.gradient_std_ratio
+            message = (
+                f"output-gradient std {grads[0].grad_std:.2e} ({grads[0].name}) vs {grads[-1].grad_std:.2e} "
+                f"({grads[-1].name}, {kind})"
             )
+            if normalised:
+                message += f" (not judged: {group or 'the model'} normalises its layers' inputs)"
+            elif not ok:
+                message += f": gradients {'vanish' if r < 1 else 'explode'} on their way back; " + (
+                    "use a non-saturating activation, a 5/3-style gain, or normalisation layers"
+                    if r < 1
+                    else "lower the gain, or add normalisation layers"
+                )
+            out.append(Verdict("gradient_std_ratio", subject, ok, message))
 
-    history = update_history or {}
+    out += _update_ratios(weights, t, update_history or {}, c, judged_by_family=context is not None)
+    return out
+
+
+def _nonfinite(snapshot: Snapshot) -> Verdict:
+    """The first layer (forward order) whose output or output gradient holds NaN/Inf, even once the loss has; else
+    the first such parameter or gradient, else the loss."""
+    layers = [x for x in snapshot.layers if not all(map(math.isfinite, (x.mean, x.std)))]
+    grads = [x for x in snapshot.layers if x.grad_std is not None and not math.isfinite(x.grad_std)]
+    params = [p for p in snapshot.params if not math.isfinite(p.data_std)]
+    pgrads = [p for p in snapshot.params if p.grad_std is not None and not math.isfinite(p.grad_std)]
+    where = (
+        [f"{x.name} ({x.kind}, its output)" for x in layers]
+        + [f"{x.name} ({x.kind}, its output gradient)" for x in grads[-1:]]  # gradients flow backwards: the last
+        + [f"{p.name} (the parameter)" for p in params]
+        + [f"{p.name} (its gradient)" for p in pgrads]
+    )
+    subjects = [x.name for x in layers] + [x.name for x in grads[-1:]] + [p.name for p in params + pgrads]
+    loss_bad = snapshot.loss is not None and not math.isfinite(snapshot.loss)
+    if not where and not loss_bad:
+        return Verdict("nonfinite", "", True, "all finite")
+    loss = "the loss is NaN/Inf; " if loss_bad else ""
+    first = f"first in {where[0]}" if where else "no watched layer or parameter holds one yet"
+    return Verdict(
+        "nonfinite",
+        subjects[0] if subjects else "the loss",
+        False,
+        f"step {snapshot.step}: {loss}NaN/Inf {first}: lower the learning rate (or clip gradients); check the input "
+        "data if it happens at step 0",
+    )
+
+
+def _update_ratios(weights, t: HealthThresholds, history, c: Context, judged_by_family: bool) -> list[Verdict]:
+    out = []
     for p in weights:
-        recent = history.get(p.name, [])[-t.update_ratio_window :]
-        outside = [v for v in recent if not (t.update_ratio_low <= v <= t.update_ratio_high)]
-        sustained = len(recent) >= t.update_ratio_window and len(outside) == len(recent)
         current = p.log10_update_ratio
         shown = "n/a" if current is None else f"{current:.2f}"
-        if sustained:
-            low = sum(v < t.update_ratio_low for v in recent) > len(recent) / 2
-            why = "barely learns (learning rate too low?)" if low else "changes too fast (learning rate too high?)"
-            message = (
-                f"{p.name} log10(update:data) {shown}, outside [{t.update_ratio_low:g}, {t.update_ratio_high:g}] "
-                f"for {len(recent)} samples: it {why}"
+        family = c.optimizer.get(p.name, "") if judged_by_family else "sgd"
+        if p.name in c.frozen:
+            out.append(Verdict("update_ratio", p.name, True, f"{p.name} has no gradient (frozen): not judged"))
+            continue
+        if not family:
+            message = f"{p.name} log10(update:data) {shown} (not judged: an optimizer of unknown family)"
+            out.append(Verdict("update_ratio", p.name, True, message))
+            continue
+        low, high = (
+            (t.adaptive_update_ratio_low, t.adaptive_update_ratio_high)
+            if family == "adaptive"
+            else (t.update_ratio_low, t.update_ratio_high)
+        )
+        recent = history.get(p.name, [])[-t.update_ratio_window :]
+        shortfall = c.lr_shortfall.get(p.name, [])[-t.update_ratio_window :]
+        if len(shortfall) != len(recent):
+            shortfall = [0.0] * len(recent)
+        at_set_lr = [v + s for v, s in zip(recent, shortfall)]  # as if the schedule ran at the learning rate set
+        full = len(recent) >= t.update_ratio_window
+        too_low = full and all(v < low for v in at_set_lr)
+        lr_set = c.lr_set.get(p.name)
+        if family == "adaptive" and lr_set is not None and p.data_std > 0 and math.isfinite(p.data_std):
+            too_low = too_low and math.log10(lr_set / p.data_std) < low  # noisy gradients shrink Adam's steps too
+        falling = full and recent[0] - recent[-1] > t.update_ratio_falling
+        too_high = full and all(v > high for v in recent) and not falling
+        message = f"{p.name} log10(update:data) {shown}"
+        if too_low:
+            scheduled = any(abs(s) > 0.05 for s in shortfall)
+            message += (
+                f", below {low:g} for {len(recent)} samples"
+                + (" (at the learning rate set, not the schedule's)" if scheduled else "")
+                + ": it barely learns; raise the learning rate"
             )
-        else:
-            message = f"{p.name} log10(update:data) {shown}"
-        out.append(Verdict("update_ratio", p.name, not sustained, message))
+        elif too_high:
+            band = "Adam-like" if family == "adaptive" else "SGD"
+            message += (
+                f", above {high:g} for {len(recent)} samples and not settling ({band} band): it changes too fast; "
+                "lower the learning rate"
+            )
+        out.append(Verdict("update_ratio", p.name, not (too_low or too_high), message))
     return out

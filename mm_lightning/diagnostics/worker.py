@@ -169,8 +169,10 @@ class Worker:
     def __init__(self, nice: int = 0, warm: bool = True):
         # this package, under whatever name it has in the project it was copied into, importable from the folder
         # that holds its top-level package (the training process imported it from there)
-        top = sys.modules[__package__.split(".")[0]]
-        root = os.path.dirname(os.path.dirname(os.path.abspath(top.__file__)))
+        # (found from this file, not the top package's __file__: a namespace package, with no __init__.py, has none)
+        root = os.path.abspath(__file__)
+        for _ in range(len(__package__.split(".")) + 1):  # worker.py, then each package folder above it
+            root = os.path.dirname(root)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
             # -c, not -m: the package's name is only known here (it may have been copied under another one)
