@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import signal
+import sys
 import tempfile
 import threading
 import zipfile
@@ -250,8 +251,65 @@ class RunCheckpoint(ModelCheckpoint):
         return {**super().state_dict(), "last_global_step_saved": compat.last_saved_step(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(moved(state_dict, self.dirpath))
+        super().load_state_dict(inside_run(moved(state_dict, self.dirpath), self.dirpath))
         compat.set_last_saved_step(self, state_dict.get("last_global_step_saved", compat.last_saved_step(self)))
+
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        # Lightning deletes a checkpoint it replaces after checking it lies in dirpath with Path.absolute(), which
+        # keeps `..` and follows no symlink: a second check, on the resolved path, whatever the state came from
+        if self.dirpath is None or not _resolves_inside(filepath, self.dirpath):
+            return
+        super()._remove_checkpoint(trainer, filepath)
+
+
+PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")  # ModelCheckpoint's state: files it owns
+
+
+def _resolves_inside(path: str, dirpath: str) -> bool:
+    """Whether `path`, with `..` and every symlink resolved, names a file inside `dirpath` (resolved too)."""
+    if "://" in str(path):  # another filesystem (fsspec): never one of this run's files
+        return False
+    try:
+        return Path(dirpath).resolve() in Path(path).resolve().parents
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: not a path of ours
+        return False
+
+
+def inside_run(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """ModelCheckpoint's state with every path outside the run's checkpoints directory dropped: Lightning deletes
+    the old `last` and the worst of the best k when it writes new ones, so a checkpoint whose state names
+    `<dirpath>/../../../somefile` (a run folder someone sent) would make `fit --ckpt_path last` delete that file.
+    A path that claims to be inside but resolves outside is reported in one line (the checkpoint was crafted or
+    edited); one plainly elsewhere (another run's checkpoint resumed into a new run) is dropped as Lightning would
+    ignore it."""
+    if not dirpath:
+        return state
+    state, dropped = dict(state), []
+
+    def keep(path) -> bool:
+        if not path or _resolves_inside(path, dirpath):
+            return True
+        claimed = "://" in str(path) or Path(dirpath).absolute() in Path(path).absolute().parents
+        if claimed:
+            dropped.append(str(path))
+        return False
+
+    for key in PATH_KEYS:
+        if key in state and not keep(state[key]):
+            state[key] = ""
+    if "last_model_path" in state and not state["last_model_path"] and (Path(dirpath) / "last.ckpt").is_file():
+        # the run's own last.ckpt, which a replaced path stood for: written over in place (not beside, as last-v1)
+        state["last_model_path"] = str(Path(dirpath) / "last.ckpt")
+    if isinstance(state.get("best_k_models"), dict):
+        state["best_k_models"] = {k: v for k, v in state["best_k_models"].items() if keep(k)}
+    if dropped and all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK")):
+        print(
+            f"warning: ignored {len(dropped)} checkpoint path(s) that lead outside {dirpath} (first: {dropped[0]}); "
+            "the checkpoint was edited or crafted: no file outside the run is read or deleted",
+            file=sys.stderr,
+        )
+    return state
 
 
 def moved(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
