@@ -32,8 +32,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mm_lightning import preflight
+from mm_lightning import preflight, signals
 from mm_lightning.data import (
     DEFAULT_PATH,
     NAMES_SHA256,
@@ -99,10 +100,10 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class MakemoreCLI(LightningCLI):
-    def __init__(self, args: list[str], run: bool = True):
+    def __init__(self, args: list[str], run: bool = True, stop_on_signal: StopOnSignal | None = None):
         self._argv = list(args)
         self.resume: Resume | None = None
-        self.stop_on_signal = StopOnSignal()
+        self.stop_on_signal = stop_on_signal or StopOnSignal()
         super().__init__(
             MakemoreModule,
             NamesDataModule,
@@ -455,6 +456,23 @@ def _one_line(error: Exception, argv: list[str]) -> str:
     return f"{text} (see `python -m mm_lightning.cli {command} --help`)".replace("  ", " ")
 
 
+def _interrupted_line(e: signals.Interrupted, argv: list[str], stopper: StopOnSignal) -> str:
+    """What a signal that stopped the command where it was leaves behind, in one line."""
+    if argv[0] != "fit":
+        return f"interrupted by {e.name}: {argv[0]} stopped before it finished"
+    if not stopper.started:
+        resumed = any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv)
+        kept = "the checkpoint resumed from is as it was: run the same command again" if resumed else "run it again"
+        return f"interrupted by {e.name} before the first step: no checkpoint written; {kept}"
+    step = stopper.trainer_step()
+    if stopper.ended:
+        return f"interrupted by {e.name} after training ended at step {step}: its checkpoints are written"
+    return (
+        f"stopped at once by a second {e.name} at step {step}: no checkpoint at this step; the last one written "
+        "stays (continue with `fit --ckpt_path last`)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_noise()
     tbwrite.speed_up()  # every TensorBoard event this process writes: a C checksum instead of a Python one
@@ -464,27 +482,60 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    status = None
-    try:
-        status = _command(argv, debug)
+    with signals.handled():  # from here to the end a signal gives 128 + signal and one line, never 0
+        status = None
+        try:
+            try:
+                status = _command(argv, debug)
+            finally:
+                signals.hold()  # the cleanup below must finish: a signal now is noted, and answered after it
+                if status != 0:
+                    discard_empty_claims()  # a command that failed before logging anything leaves no empty version_N
+                unlock_runs()
+        except signals.Interrupted as e:  # (between _command's own handling and the hold above)
+            print(f"error: interrupted by {e.name} while finishing {argv[0]}", file=sys.stderr)
+            return e.status
+        late = signals.held()
+        if late is not None and status == 0:
+            print(
+                f"error: interrupted by {signals.NAMES[late]} as {argv[0]} finished (it had completed)", file=sys.stderr
+            )
+            return 128 + late
         return status
-    finally:
-        if status != 0:
-            discard_empty_claims()  # a command that failed before logging anything leaves no empty version_N
-        unlock_runs()
 
 
 def _command(argv: list[str], debug: bool) -> int:
     """Run the command; bad input, and resource errors, as one line and exit status 2."""
+    stopper = StopOnSignal()
     try:
         preflight.check_config_files(argv)
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:]) or 0
-        interrupted = MakemoreCLI(argv).stop_on_signal
+        interrupted = MakemoreCLI(argv, stop_on_signal=stopper).stop_on_signal
         if interrupted.message() is not None:
             print(f"error: {interrupted.message()}", file=sys.stderr)
             return 128 + interrupted.received
         return 0
+    except signals.Interrupted as e:
+        signals.hold()
+        if debug:
+            raise
+        print(f"error: {_interrupted_line(e, argv, stopper)}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:  # (signal handlers are only ours in the main thread)
+        signals.hold()
+        if debug:
+            raise
+        print(f"error: {_interrupted_line(signals.Interrupted(signal.SIGINT), argv, stopper)}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except SIGTERMException:  # several processes: Lightning stopped every rank at a batch end (exit 0 otherwise)
+        signals.hold()
+        print(
+            "error: interrupted by SIGTERM: every process stopped at a batch end; continue from the last checkpoint "
+            "written with `fit --ckpt_path last`",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except (UsageError, MisconfigurationException) as e:
         if debug:
             raise

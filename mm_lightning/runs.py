@@ -23,7 +23,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from mm_lightning import compat
+from mm_lightning import compat, signals
 from mm_lightning.errors import UsageError
 
 RUNS_DIRNAME = "lightning_logs"
@@ -254,7 +254,6 @@ class RunCheckpoint(ModelCheckpoint):
         super().load_state_dict(inside_run(moved(state_dict, self.dirpath), self.dirpath))
         compat.set_last_saved_step(self, state_dict.get("last_global_step_saved", compat.last_saved_step(self)))
 
-
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         # Lightning deletes a checkpoint it replaces after checking it lies in dirpath with Path.absolute(), which
         # keeps `..` and follows no symlink: a second check, on the resolved path, whatever the state came from
@@ -382,32 +381,53 @@ class ResumedRunLogs(Callback):
 
 class StopOnSignal(Callback):
     """SIGTERM (what a cluster scheduler or a spot instance sends before the end) and Ctrl-C stop training at the
-    end of the optimizer step under way, never inside it: Lightning then validates and ModelCheckpoint writes
+    end of the optimizer step under way, never inside it (under gradient accumulation: at the next batch that steps
+    the optimizer, so the resumed run's batches line up): Lightning then validates and ModelCheckpoint writes
     last.ckpt at that step (atomically, as every checkpoint), the loggers are flushed, and the CLI exits with
     128 + the signal (143, 130) and one line saying so. `fit --ckpt_path last` continues exactly. A second Ctrl-C
-    stops at once (the last checkpoint written stays). One process only: under DDP Lightning's own SIGTERM handling
-    runs (it broadcasts the signal to every rank)."""
+    stops at once (the last checkpoint written stays). Before training starts and after it ends, signals.py answers
+    (no checkpoint is claimed). One process only: under DDP Lightning's own SIGTERM handling runs (it broadcasts the
+    signal to every rank)."""
 
-    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+    SIGNALS = signals.NAMES
 
     def __init__(self):
         self.received: int | None = None  # the signal that stopped training
         self.step: int | None = None  # the step training stopped at
+        self.started = False  # on_train_start ran: a signal from now on stops at a step, with a checkpoint
+        self.ended = False  # on_train_end ran: training's checkpoints are written
+        self._pending = False  # a signal came mid-accumulation: stop at the batch that steps the optimizer
         self._previous: dict = {}
         self._trainer = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.started, self._trainer = True, trainer
+        if trainer.world_size > 1:
+            signals.defer = True  # Lightning stops every rank at a batch end and raises SIGTERMException
         if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
             return
         self._trainer, self.received = trainer, None
         for sig in self.SIGNALS:  # replaces Lightning's SIGTERM handler, which stops without a checkpoint
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    def trainer_step(self) -> int | None:
+        return None if self._trainer is None else self._trainer.global_step
+
     def _handle(self, signum, frame) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C
+            raise signals.Interrupted(signum)  # a second Ctrl-C: at once (the CLI says so in one line)
         self.received = signum
-        self._trainer.should_stop = True  # the loop ends after this step: validation, last.ckpt
+        if self._trainer.accumulate_grad_batches > 1:
+            self._pending = True  # stopping between two accumulated batches would shift every later batch
+        else:
+            self._trainer.should_stop = True  # the loop ends after this step: validation, last.ckpt
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the batch that just ran stepped the optimizer when it completed an accumulation (or ended the epoch)
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if self._pending and (stepped or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+            self._pending = False
+            trainer.should_stop = True
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -415,6 +435,7 @@ class StopOnSignal(Callback):
         self._previous = {}
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.ended = True
         if self.received is not None:
             self.step = trainer.global_step
         self._restore()
