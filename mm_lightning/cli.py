@@ -160,6 +160,9 @@ class MakemoreCLI(LightningCLI):
         config.ckpt_path = str(path)
         hparams = checkpoint["hyper_parameters"]
         _refuse_changed_model(hparams, config.model.as_dict(), path)
+        if subcommand == "fit":
+            preflight.check_resumable(checkpoint, path)
+            preflight.check_resumed_data(checkpoint, config.data.as_dict(), path, run_config)
         self.resume = Resume(path, version, int(checkpoint.get("global_step", 0)), hparams["net"]["vocab"])
         if _is_rank_zero():
             written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
@@ -277,7 +280,15 @@ class MakemoreCLI(LightningCLI):
     def after_predict(self) -> None:
         for batch in self.trainer.predict_loop.predictions or []:
             for name in batch:
-                print(name)
+                print(printable(name))
+
+
+def printable(name: str) -> str:
+    """A generated name as it may reach a terminal: a character that is not printable (ESC, BEL, a line break; only
+    a crafted checkpoint's vocabulary holds one, the data reader refuses them) as its Python escape, e.g. \\x1b."""
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
 
 
 def _processes(trainer) -> int:
@@ -348,7 +359,7 @@ def sample_command(args: list[str]) -> None:
     for start in range(0, a.num_samples, SAMPLE_CHUNK):  # in chunks: memory stays flat however many are asked
         count = min(SAMPLE_CHUNK, a.num_samples - start)
         for name in generate(net, count, a.temperature, generator, one_at_a_time=a.one_at_a_time):
-            print(name)
+            print(printable(name))
 
 
 def download_command(args: list[str]) -> None:
@@ -437,6 +448,9 @@ USAGE = """usage: python -m mm_lightning.cli COMMAND [options]   (or: mm-lightni
 Every command takes --help; --debug shows the traceback of an error."""
 
 
+PRINTING_COMMANDS = ("sample", "predict", "validate", "test", "diagnose")  # their results go to standard output
+
+
 def _quiet_noise() -> None:
     """Silence messages that say nothing about this run."""
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")  # we pass argv on purpose
@@ -508,6 +522,8 @@ def _command(argv: list[str], debug: bool) -> int:
     """Run the command; bad input, and resource errors, as one line and exit status 2."""
     stopper = StopOnSignal()
     try:
+        if sys.stdout is None and argv[0] in PRINTING_COMMANDS:  # `sample >&-`: print() would write nowhere, exit 0
+            raise UsageError(f"standard output is closed: {argv[0]} prints its results there; give it a file or pipe")
         preflight.check_config_files(argv)
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:]) or 0

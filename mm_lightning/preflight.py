@@ -103,6 +103,47 @@ def check_checkpoint(checkpoint: dict, path) -> None:
         )
 
 
+def check_resumable(checkpoint: dict, path) -> None:
+    """A checkpoint `fit --ckpt_path` can continue exactly: Lightning's loop counters, the optimizer's state and the
+    schedulers'. Without loop state Lightning restarts at step 0 while the run counts from the checkpoint's step
+    (and writes its TensorBoard points a second time); without optimizer state it stops with a KeyError."""
+    step = checkpoint.get("global_step", 0)
+    if not isinstance(checkpoint.get("loops"), dict) or "fit_loop" not in checkpoint["loops"]:
+        raise UsageError(
+            f"{path} holds no training-loop state (edited, or written by another tool): resuming it would restart at "
+            f"step 0 while counting from step {step}; use it with validate/test/sample, or start a new run"
+        )
+    optimizers = checkpoint.get("optimizer_states")
+    if not optimizers or not all(isinstance(o, dict) and "param_groups" in o and "state" in o for o in optimizers):
+        raise UsageError(
+            f"{path} holds no optimizer state (a weights-only checkpoint, e.g. --checkpoint.save_weights_only true): "
+            "it cannot continue a run; use it with validate/test/sample, or start a new run"
+        )
+    schedulers = checkpoint.get("lr_schedulers", [])
+    if not isinstance(schedulers, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("last_epoch"), int) and isinstance(s.get("base_lrs"), list)
+        for s in schedulers
+    ):
+        raise UsageError(f"{path}: its learning-rate scheduler state is damaged; resume an earlier checkpoint")
+
+
+RESUMED_DATA = ("batch_size", "seed", "split_seed", "sampler")  # what a resumed run's minibatch stream depends on
+
+
+def check_resumed_data(checkpoint: dict, given: dict, path, run_config) -> None:
+    """A resumed run keeps the minibatch stream it was trained on: a batch size or seed that differs from the
+    checkpoint's (its DataModule hyperparameters) would silently change it, e.g. when the run's config.yaml is gone
+    and the defaults step in."""
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    for key in RESUMED_DATA:
+        if key in saved and key in given and given[key] != saved[key]:
+            why = f"the run's {run_config} is missing" if not Path(run_config).is_file() else "this command changes it"
+            raise UsageError(
+                f"{path} was trained with data.{key}={saved[key]!r} but this command gives {given[key]!r} ({why}); "
+                f"pass --data.{key} {saved[key]} to continue the run as it was, or start a new run without --ckpt_path"
+            )
+
+
 _OOM = re.compile(r"(can't allocate memory|out of memory|Cannot allocate memory)", re.IGNORECASE)
 
 

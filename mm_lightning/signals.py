@@ -8,7 +8,9 @@ A scheduler's requeue recipe reruns a job that exits 143 and treats 0 as finishe
 - during training, runs.StopOnSignal takes over: training stops at the end of the optimizer step under way and
   last.ckpt is written there; a second Ctrl-C stops at once (raising `Interrupted`);
 - once the CLI is cleaning up and printing its answer, `hold` notes a signal instead of raising: cleanup finishes,
-  and a command that had succeeded still exits 128 + signal.
+  and a command that had succeeded still exits 128 + signal;
+- after `main()` returns, while Python shuts down: the default action (the process ends by the signal; 128 + signal
+  in a shell).
 """
 
 from __future__ import annotations
@@ -85,7 +87,10 @@ def handled():
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            # the CLI process is about to exit: Python's own shutdown (atexit flushes, thread joins) would run a
+            # Python handler late or not at all, and exit 0; the default action ends it by the signal (shell: 143)
+            handler = signal.SIG_DFL if handler in (None, _starting) else handler
+            signal.signal(sig, handler)
 
 
 def hold() -> None:

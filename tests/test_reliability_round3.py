@@ -2,7 +2,10 @@
 start to exit; no silent wrong results; one line for every failure class; reading a large names file."""
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import torch
 
 from mm_lightning.cli import main
 from mm_lightning.runs import PATH_KEYS
-from tests.conftest import SMALL
+from tests.conftest import SMALL, scalars
 
 FAST = [*SMALL, "--diagnostics.every_n_steps", "50", "--diagnostics.figures_every_n_steps", "0"]
 FAST += ["--trainer.enable_progress_bar", "false"]
@@ -110,3 +113,182 @@ def test_sigterm_before_the_first_step_exits_143_with_a_line(project, monkeypatc
         assert not list((project / "runs").rglob("*.ckpt"))
         assert not (project / "runs" / "lightning_logs" / "version_0").exists()  # the empty claim is removed
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() gives the caller its handlers back
+
+
+def _same_weights(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert a["optimizer_states"][0]["param_groups"] == b["optimizer_states"][0]["param_groups"]
+
+
+@pytest.mark.slow
+def test_sigterm_under_gradient_accumulation_continues_bitwise(project, monkeypatch, capsys):
+    """A SIGTERM between two accumulated batches: training stops after the batch that steps the optimizer, so the
+    resumed run sees the same batches in the same pairs (stopping mid-pair shifted every later epoch end by one)."""
+    monkeypatch.chdir(project)
+    args = ["--data.steps_per_epoch", "100", "--trainer.accumulate_grad_batches", "2"]
+    assert _fit("whole", 300, *args) == 0
+    # batch 300 is the first of a pair (batches 300 and 301 make optimizer step 151)
+    _signal_at(monkeypatch, "on_train_batch_start", signal.SIGTERM, lambda t: t.fit_loop.total_batch_idx == 300)
+    capsys.readouterr()
+    assert _fit("split", 300, *args) == 143
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "interrupted by SIGTERM at step 151: last.ckpt written there" in lines[0], lines
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    assert _fit("split", 300, "--ckpt_path", "last", *args) == 0
+    whole, split = (torch.load(_checkpoints(d) / "last.ckpt", weights_only=True) for d in ("whole", "split"))
+    _same_weights(whole, split)
+    val = [scalars(project / d / "lightning_logs" / "version_0")["val/loss"] for d in ("whole", "split")]
+    assert [s for s, _ in val[1] if s % 50 == 0] == [s for s, _ in val[0]]  # epoch ends where they were
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_in_one_line(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    _signal_at(monkeypatch, "on_train_batch_start", signal.SIGINT, lambda t: t.global_step == 150, times=2)
+    assert _fit("runs", 300, "--data.steps_per_epoch", "100") == 130
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "stopped at once by a second Ctrl-C (SIGINT) at step 150" in lines[0], lines
+    assert torch.load(_checkpoints("runs") / "last.ckpt", weights_only=True)["global_step"] == 100  # it stays
+
+
+CLI_FIT = ["-m", "mm_lightning.cli", "fit", "--trainer.max_steps", "300", "--data.steps_per_epoch", "100", *FAST]
+
+
+@pytest.mark.slow
+def test_a_signal_at_any_moment_never_exits_0(project):
+    """Real signals from process start to exit (imports, parsing, the sanity check, training, checkpoint writes,
+    the end): the exit status is 128 + signal (or death by that signal, before Python has a handler), never 0,
+    with at most one line, and a checkpoint it names is there at the step it names."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MM_LIGHTNING_RUN_VERSION", None)
+    start = time.monotonic()
+    subprocess.run([sys.executable, *CLI_FIT, "--trainer.default_root_dir", "whole"], cwd=project, env=env, check=True)
+    whole = time.monotonic() - start
+    moments = [0.0, 0.05, 0.3, 0.6, 0.9]
+    for i, (fraction, sig) in enumerate((f, s) for f in moments for s in (signal.SIGTERM, signal.SIGINT)):
+        if sig == signal.SIGINT and fraction not in (0.05, 0.6):
+            continue
+        root = f"run{i}"
+        proc = subprocess.Popen(
+            [sys.executable, *CLI_FIT, "--trainer.default_root_dir", root],
+            cwd=project,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(fraction * whole)
+        finished_first = proc.poll() is not None
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=300)[1]
+        where = f"signal {sig} at {fraction:.2f} x {whole:.1f} s: exit {proc.returncode}\n{err[-2000:]}"
+        if finished_first:
+            assert proc.returncode == 0, where
+            continue
+        assert proc.returncode in (128 + sig, -sig), where
+        lines = _lines(err)
+        assert len(lines) <= 1 and (lines or proc.returncode == -sig), where
+        if lines and "written there" in lines[0]:
+            step = int(lines[0].split(" at step ")[1].split(":")[0])
+            last = project / root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+            assert torch.load(last, weights_only=True)["global_step"] == step, where
+
+
+# ----------------------------------------------------------------------------------------- no silent wrong results
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, names_file) -> Path:
+    """One finished 100-step run (batch size 64), shared: each test works on its own copy (see `run_copy`)."""
+    root = tmp_path_factory.mktemp("trained")
+    (root / "data").mkdir()
+    shutil.copy(names_file, root / "data" / "names.txt")
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        assert _fit("runs", 100, "--data.steps_per_epoch", "100", "--data.batch_size", "64") == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def run_copy(trained_once, tmp_path, monkeypatch) -> Path:
+    shutil.copytree(trained_once, tmp_path / "p")
+    monkeypatch.chdir(tmp_path / "p")
+    return tmp_path / "p"
+
+
+def _edit_last(project: Path, edit) -> bytes:
+    path = _checkpoints(project / "runs") / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, path)
+    return path.read_bytes()
+
+
+def _refused(capsys, args: list[str], expected: str, status: int = 2) -> None:
+    capsys.readouterr()
+    assert main(args) == status
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+RESUME = ["fit", "--ckpt_path", "last", "--trainer.max_steps", "200", "--trainer.default_root_dir", "runs", *FAST]
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c.pop("loops"), "holds no training-loop state"),
+        (lambda c: c.pop("optimizer_states"), "holds no optimizer state"),
+        (lambda c: c.update(lr_schedulers=[{"garbage": 1}]), "learning-rate scheduler state is damaged"),
+    ],
+    ids=["no-loop-state", "weights-only", "garbage-scheduler"],
+)
+def test_a_checkpoint_that_cannot_continue_a_run_is_refused(run_copy, capsys, edit, expected):
+    """Without loop state Lightning retrained from step 0 while reporting the checkpoint's step (and wrote the
+    run's TensorBoard points twice); without optimizer or with garbage scheduler state it raised a traceback."""
+    before = _edit_last(run_copy, edit)
+    _refused(capsys, RESUME, expected)
+    assert (_checkpoints(run_copy / "runs") / "last.ckpt").read_bytes() == before
+
+
+def test_a_resume_without_its_config_keeps_its_batch_size_or_says_so(run_copy, capsys):
+    """config.yaml deleted: the defaults (batch size 32) would silently replace the run's 64."""
+    (run_copy / "runs" / "lightning_logs" / "version_0" / "config.yaml").unlink()
+    _refused(capsys, RESUME, "trained with data.batch_size=64 but this command gives 32 (the run's")
+    assert main([*RESUME, "--data.batch_size", "64"]) == 0
+    assert torch.load(_checkpoints(run_copy / "runs") / "last.ckpt", weights_only=True)["global_step"] == 200
+
+
+def test_sample_with_standard_output_closed_fails_in_one_line(run_copy):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = f"'{sys.executable}' -m mm_lightning.cli sample --root_dir runs -n 5 >&-"
+    proc = subprocess.run(
+        cmd, shell=True, cwd=run_copy, env=env, capture_output=False, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert _lines(proc.stderr) == [
+        "error: standard output is closed: sample prints its results there; give it a file or pipe"
+    ]
+
+
+def test_names_from_a_vocabulary_with_escape_characters_are_escaped(run_copy, capsys):
+    """A crafted checkpoint whose vocabulary holds ESC/BEL: the names must not drive the terminal."""
+
+    def edit(c):
+        c["hyper_parameters"]["net"]["vocab"] = (
+            c["hyper_parameters"]["net"]["vocab"].replace("a", "\x1b").replace("e", "\x07")
+        )
+
+    _edit_last(run_copy, edit)
+    capsys.readouterr()
+    assert main(["sample", "--root_dir", "runs", "-n", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b" in out and "\\x07" in out  # shown, escaped
+    assert len(out.splitlines()) == 50
