@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -153,6 +154,7 @@ class MakemoreCLI(LightningCLI):
         run_config = path.parent.parent / "config.yaml"
         own_run = version is not None or subcommand != "fit"  # evaluating: a run from anywhere, with its config
         if own_run and run_config.is_file() and not any(a.split("=")[0] == "--config" for a in args):
+            preflight.check_config_files(["--config", str(run_config)])  # a damaged one is named, in one line
             # the run's own config is the base, so `fit --ckpt_path last` continues it as it was configured, and
             # `validate --ckpt_path <another directory's run>/...` evaluates the model it trained
             super().parse_arguments(parser, [args[0], "--config", str(run_config), *args[1:]])
@@ -195,6 +197,12 @@ class MakemoreCLI(LightningCLI):
             raise UsageError(
                 f"--trainer.sync_batchnorm replaces --model.net.bn_style {config.model.net.bn_style} with torch's "
                 "SyncBatchNorm; use bn_style torch with it"
+            )
+        net = config.model.net
+        if config.data.batch_size == 1 and (net.batchnorm or net.output_batchnorm) and self.subcommand == "fit":
+            raise UsageError(  # (torch: "Expected more than 1 value per channel when training", a traceback)
+                "--data.batch_size 1 with BatchNorm: a batch of one example has no spread to normalise by; use a "
+                "batch size of at least 2, or --model.net.batchnorm false --model.net.output_batchnorm false"
             )
         if config.get("lr_scheduler") and not config.get("optimizer"):
             # Lightning's CLI would drop it without a word: it only applies with an --optimizer
@@ -257,6 +265,17 @@ class MakemoreCLI(LightningCLI):
         extra = {}
         if self.resume is not None and self.resume.version is not None:
             version = self.resume.version
+            run_dir = runs / f"version_{version}"
+            if not os.access(run_dir, os.W_OK):  # else TensorBoard's writer thread fails with a 50-line traceback
+                fix = (
+                    "copy the run somewhere writable and continue it there"
+                    if self.subcommand == "fit"
+                    else "or add --trainer.logger false to print the result only"
+                )
+                raise UsageError(
+                    f"cannot write to run {run_dir} (read-only, or another user's): {self.subcommand} writes there; "
+                    f"make it writable, {fix}"
+                )
             if self.subcommand == "fit":  # TensorBoard drops what the killed run logged after this step
                 extra["purge_step"] = self.resume.global_step
         elif self.subcommand == "fit":
@@ -353,6 +372,8 @@ def sample_command(args: list[str]) -> None:
         raise UsageError(f"--num_samples must be at least 1, got {a.num_samples}")
     if not a.temperature > 0:
         raise UsageError(f"--temperature must be positive, got {a.temperature}; 1.0 samples the model as trained")
+    if not 0 <= a.seed < 2**64:  # torch.Generator.manual_seed's range
+        raise UsageError(f"--seed must be a whole number from 0 to 2**64 - 1, got {a.seed}")
     path = find_last(runs_dir(a.root_dir)) if a.ckpt_path == "last" else Path(a.ckpt_path)
     net = checkpoint_net(load_checkpoint(path))  # (load_checkpoint refuses weights that do not fit their model)
     generator = torch.Generator().manual_seed(a.seed)
@@ -470,6 +491,11 @@ def _one_line(error: Exception, argv: list[str]) -> str:
     return f"{text} (see `python -m mm_lightning.cli {command} --help`)".replace("  ", " ")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
 def _interrupted_line(e: signals.Interrupted, argv: list[str], stopper: StopOnSignal) -> str:
     """What a signal that stopped the command where it was leaves behind, in one line."""
     if argv[0] != "fit":
@@ -496,6 +522,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    failed_threads: list[BaseException] = []  # a background writer's failure (TensorBoard's), said in one line
+    previous_hook, threading.excepthook = threading.excepthook, lambda args: failed_threads.append(args.exc_value)
+    try:
+        status = _main(argv, debug, failed_threads)
+    finally:
+        threading.excepthook = previous_hook
+    return status
+
+
+def _main(argv: list[str], debug: bool, failed_threads: list[BaseException]) -> int:
     with signals.handled():  # from here to the end a signal gives 128 + signal and one line, never 0
         status = None
         try:
@@ -509,6 +545,13 @@ def main(argv: list[str] | None = None) -> int:
         except signals.Interrupted as e:  # (between _command's own handling and the hold above)
             print(f"error: interrupted by {e.name} while finishing {argv[0]}", file=sys.stderr)
             return e.status
+        if failed_threads and status == 0:  # (with another failure, its line already says what went wrong)
+            error = failed_threads[0]
+            if debug:
+                raise error
+            line = preflight.resource_error(error, argv[0]) or f"a background thread failed: {_first_line(error)}"
+            print(f"error: {line}", file=sys.stderr)
+            status = 2
         late = signals.held()
         if late is not None and status == 0:
             print(

@@ -5,7 +5,9 @@
 - a seed numpy accepts (0 .. 2**32 - 1);
 - a checkpoint's contents: hyperparameters this project's model takes, a whole global_step, weights whose shapes
   are what its hyperparameters build (checked on the meta device: nothing is allocated before it is known to fit);
-- memory, disk and permission errors as one line naming what to change (see `resource_error`).
+- every failure class a command can meet as one line naming what to change (see `resource_error`, which cli.py's
+  `_command`, the one place every command runs through, calls): memory, file-size and open-file limits; a full,
+  read-only, unwritable or vanished destination, or a file in the way of a directory; unusable model output.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ _OOM = re.compile(r"(can't allocate memory|out of memory|Cannot allocate memory)
 
 
 def resource_error(error: BaseException, command: str) -> str | None:
-    """A one-line message for memory, disk and permission errors, naming what to change; None for other errors."""
+    """A one-line message for a failure class (resources, destinations, model output), naming what to change; None
+    for other errors (a bug: the CLI shows its traceback)."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(error, RuntimeError) and _OOM.search(str(error))
     ):
@@ -168,7 +171,33 @@ def resource_error(error: BaseException, command: str) -> str | None:
             f"cannot write {error.filename or 'a file'} ({error.strerror}); choose a writable directory "
             "(--trainer.default_root_dir, --root_dir, --save_figures) or fix its permissions"
         )
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return (
+            f"file too large writing {error.filename or 'a file'}: the file size limit (ulimit -f) is reached; raise "
+            "it; checkpoints already written are intact (a run continues with `fit --ckpt_path last`)"
+        )
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        return "too many open files (the limit is `ulimit -n`): raise it, e.g. ulimit -n 4096, and run again"
+    if isinstance(error, OSError) and error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return (
+            f"cannot create the directory {error.filename or ''}: a file of that name (or of a parent's) is in the "
+            "way; move it, or choose another --trainer.default_root_dir / --root_dir"
+        )
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return (
+            f"{error.filename} disappeared while {command} was using it (was the run directory deleted or moved?); "
+            "checkpoints already written elsewhere are intact"
+        )
+    if isinstance(error, RuntimeError) and _NOT_A_DISTRIBUTION.search(str(error)):
+        return (
+            "the model's output is not a probability distribution (NaN or infinite values: the checkpoint's weights "
+            "are not finite, or --temperature is too small to divide by); use another checkpoint or temperature"
+        )
     return None
+
+
+# torch.multinomial on NaN/inf probabilities (NaN weights, or logits / a temperature that underflows to 0)
+_NOT_A_DISTRIBUTION = re.compile(r"probability tensor contains either `inf`, `nan` or element < 0|invalid multinomial")
 
 
 def _human(size: str) -> str:

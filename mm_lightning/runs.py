@@ -8,6 +8,7 @@ by listing the folder, so two runs started together can pick the same N; here N 
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pickle
 import re
@@ -210,7 +211,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode any new file gets
             with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
+                # serialised in memory first: torch's zip writer turns a full disk into a RuntimeError without an
+                # errno ("file write failed"); a plain write says ENOSPC, EFBIG (ulimit -f), EDQUOT, ...
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a part
