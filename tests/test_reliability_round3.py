@@ -1,6 +1,7 @@
 """Reliability, round 3 (issue 25): crafted checkpoint paths touch nothing outside the run; signals from process
 start to exit; no silent wrong results; one line for every failure class; reading a large names file."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -292,3 +293,124 @@ def test_names_from_a_vocabulary_with_escape_characters_are_escaped(run_copy, ca
     assert "\x1b" not in out and "\x07" not in out
     assert "\\x1b" in out and "\\x07" in out  # shown, escaped
     assert len(out.splitlines()) == 50
+
+
+# ------------------------------------------------------------------------------------------ one line for each
+
+
+def _nan_weights(c):
+    for value in c["state_dict"].values():
+        if value.is_floating_point():
+            value.fill_(float("nan"))
+
+
+@pytest.mark.parametrize(
+    "setup, args, expected",
+    [
+        (None, ["fit", "--data.batch_size", "1", *FAST], "--data.batch_size 1 with BatchNorm"),
+        ("root-is-file", ["fit", "--trainer.default_root_dir", "blocker", *FAST], "a file of that name"),
+        ("logs-are-file", ["fit", "--trainer.default_root_dir", "blocker", *FAST], "a file of that name"),
+        (None, ["sample", "--root_dir", "runs", "--seed", str(10**23)], "--seed must be a whole number from 0"),
+        (None, ["sample", "--root_dir", "runs", "--temperature", "1e-320"], "not a probability distribution"),
+        (_nan_weights, ["sample", "--root_dir", "runs"], "not a probability distribution"),
+        (
+            "bad-run-config",
+            ["validate", "--ckpt_path", "last", "--trainer.default_root_dir", "runs"],
+            "is not valid YAML",
+        ),
+    ],
+    ids=[
+        "batch-1-batchnorm",
+        "root-is-file",
+        "logs-are-file",
+        "seed-10e23",
+        "temperature-1e-320",
+        "nan-weights",
+        "bad-run-config",
+    ],
+)
+def test_each_former_traceback_is_one_line(run_copy, capsys, setup, args, expected):
+    if setup == "root-is-file":
+        (run_copy / "blocker").write_text("")
+    elif setup == "logs-are-file":
+        (run_copy / "blocker").mkdir()
+        (run_copy / "blocker" / "lightning_logs").write_text("")
+    elif setup == "bad-run-config":
+        (run_copy / "runs" / "lightning_logs" / "version_0" / "config.yaml").write_text("trainer: [unclosed\n")
+    elif setup is not None:
+        _edit_last(run_copy, setup)
+    _refused(capsys, args, expected)
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+EVERY_COMMAND = {  # each command pointed at the run (and, where it writes a file of its own, into it)
+    "fit": ["fit", "--ckpt_path", "last", "--trainer.max_steps", "150", "--trainer.default_root_dir", "runs", *FAST],
+    "validate": ["validate", "--ckpt_path", "last", "--trainer.default_root_dir", "runs"],
+    "test": ["test", "--ckpt_path", "last", "--trainer.default_root_dir", "runs"],
+    "predict": ["predict", "--ckpt_path", "last", "--trainer.default_root_dir", "runs", "--data.num_samples", "3"],
+    "sample": ["sample", "--root_dir", "runs", "-n", "3"],
+    "diagnose": ["diagnose", *SMALL, "--save_figures", "runs/figures"],
+    "fold-batchnorm": ["fold-batchnorm", "--root_dir", "runs", "--out", "runs/folded.ckpt"],
+}
+MUST_FAIL = {
+    "read-only": {"fit", "validate", "test", "diagnose", "fold-batchnorm"},
+    "full": {"fit", "diagnose", "fold-batchnorm"},
+}
+
+
+@contextlib.contextmanager
+def _read_only(path: Path):
+    """The run read-only for everyone, root included: a read-only bind mount (root ignores permission bits)."""
+    if os.geteuid() != 0:
+        subprocess.run(["chmod", "-R", "a-w", str(path)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chmod", "-R", "u+w", str(path)], check=True)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("running as root without permission to mount: cannot make a directory read-only")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def _file_size_limit():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # a checkpoint (17 KB) or a figure no longer fits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition", ["read-only", "full"])
+def test_every_command_against_a_read_only_run_and_a_full_disk(run_copy, condition):
+    """Each command: it succeeds, or says why not in one line with exit 2; never a traceback; the run's
+    checkpoints are as they were."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MM_LIGHTNING_RUN_VERSION", None)
+    runs = run_copy / "runs"
+    checkpoints = {k: v for k, v in _tree(runs).items() if k.endswith(".ckpt")}
+    with _read_only(runs) if condition == "read-only" else contextlib.nullcontext():
+        for name, args in EVERY_COMMAND.items():
+            proc = subprocess.run(
+                [sys.executable, "-m", "mm_lightning.cli", *args],
+                cwd=run_copy,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                preexec_fn=_file_size_limit if condition == "full" else None,
+            )
+            where = f"{name} ({condition}): exit {proc.returncode}\n{proc.stderr[-3000:]}"
+            assert "Traceback" not in proc.stderr, where
+            lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+            assert proc.returncode in (0, 2) and len(lines) == (proc.returncode == 2), where
+            assert (name in MUST_FAIL[condition]) <= (proc.returncode == 2), where
+    after = {k: v for k, v in _tree(runs).items() if k.endswith(".ckpt") and k in checkpoints}
+    assert after == checkpoints
