@@ -136,10 +136,14 @@ def check_memory_for(words: list[str], block_size: int, path) -> None:
     available = _available_memory()
     if available is not None and needed > available:
         raise UsageError(
-            f"data file {path} gives {examples:,} examples: building them needs ~{needed / 2**30:.1f} GiB of memory, "
-            f"{available / 2**30:.1f} GiB is available; use a smaller --data.path file (or a smaller "
+            f"data file {path} gives {examples:,} examples: building them needs ~{_size(needed)} of memory, "
+            f"{_size(available)} is available; use a smaller --data.path file (or a smaller "
             "--data.block_size)"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def build_vocab(words: list[str]) -> str:

@@ -414,3 +414,40 @@ def test_every_command_against_a_read_only_run_and_a_full_disk(run_copy, conditi
             assert (name in MUST_FAIL[condition]) <= (proc.returncode == 2), where
     after = {k: v for k, v in _tree(runs).items() if k.endswith(".ckpt") and k in checkpoints}
     assert after == checkpoints
+
+
+# --------------------------------------------------------------------------------------------------------- scale
+
+
+def _lecture_windows(words, vocab, block_size):
+    """The lecture's build_dataset loop, written out here: the independent computation to check against."""
+    stoi = {c: i for i, c in enumerate(vocab)}
+    xs, ys = [], []
+    for word in words:
+        context = [0] * block_size
+        for ch in word + ".":
+            xs.append(context)
+            ys.append(stoi[ch])
+            context = context[1:] + [stoi[ch]]
+    return torch.tensor(xs, dtype=torch.long).view(-1, block_size), torch.tensor(ys, dtype=torch.long)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 8])
+def test_vectorised_windows_are_the_lectures(names_file, block_size):
+    from mm_lightning.data import build_vocab, build_windows, read_words
+
+    for words in (read_words(names_file)[:5000], ["é", "zß", "a", "émile"]):
+        vocab = build_vocab(words)
+        x, y = build_windows(words, vocab, block_size)
+        ex, ey = _lecture_windows(words, vocab, block_size)
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_a_names_file_too_large_for_memory_is_refused_before_building(run_copy, capsys, monkeypatch):
+    import mm_lightning.data as data
+
+    monkeypatch.setattr(data, "_available_memory", lambda: 50 << 20)  # 50 MiB: names.txt needs ~14 MiB x 2
+    (run_copy / "more.txt").write_text((run_copy / "data" / "names.txt").read_text() * 4)
+    examples = sum(len(word) + 1 for word in (run_copy / "more.txt").read_text().split())  # each character + end
+    _refused(capsys, ["fit", "--data.path", "more.txt", *FAST], f"gives {examples:,} examples: building them needs ~")
+    assert not (run_copy / "lightning_logs").exists()  # refused before any run directory
