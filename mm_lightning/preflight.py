@@ -162,9 +162,10 @@ def resource_error(error: BaseException, command: str) -> str | None:
         )
         return f"out of memory{asked}: lower {what}"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = error.filename or "a file (TensorBoard's log, or a checkpoint)"
         return (
-            f"disk full writing {error.filename or 'a file'}: free some space; checkpoints already written are "
-            "intact (a run continues with `fit --ckpt_path last`)"
+            f"disk full writing {where}: free some space; checkpoints already written are intact (a run continues "
+            "with `fit --ckpt_path last`)"
         )
     if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (

@@ -8,7 +8,6 @@ by listing the folder, so two runs started together can pick the same N; here N 
 from __future__ import annotations
 
 import fcntl
-import io
 import os
 import pickle
 import re
@@ -197,6 +196,25 @@ def _umask() -> int:
         return mask
 
 
+class _ErrorKeepingWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer replaces it with a
+    RuntimeError without an errno ("unexpected pos ..."), so a full disk (ENOSPC), a file-size limit (EFBIG) or a
+    quota (EDQUOT) would otherwise not be told apart from a bug."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Checkpoints written atomically next to their destination, and only ever read with weights_only=True.
 
@@ -211,11 +229,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode any new file gets
             with os.fdopen(fd, "wb") as f:
-                # serialised in memory first: torch's zip writer turns a full disk into a RuntimeError without an
-                # errno ("file write failed"); a plain write says ENOSPC, EFBIG (ulimit -f), EDQUOT, ...
-                buffer = io.BytesIO()
-                torch.save(checkpoint, buffer)
-                f.write(buffer.getbuffer())
+                writer = _ErrorKeepingWriter(f)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError:
+                    if writer.error is not None:
+                        raise writer.error from None
+                    raise
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a part
