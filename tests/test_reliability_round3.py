@@ -33,11 +33,10 @@ def _checkpoints(root) -> Path:
 
 
 @pytest.mark.parametrize("symlinked", [False, True], ids=["dotdot", "symlink"])
-def test_a_crafted_checkpoint_cannot_delete_files_outside_its_run(project, monkeypatch, capsys, symlinked):
+def test_a_crafted_checkpoint_cannot_delete_files_outside_its_run(run_copy, capsys, symlinked):
     """A run folder someone sent, whose last.ckpt says its last/best checkpoints are <dirpath>/../../../../VICTIM:
     Lightning deletes the previous last and the worst best when it writes new ones; none of those files may go."""
-    monkeypatch.chdir(project)
-    assert _fit("runs", 200, "--data.steps_per_epoch", "100") == 0
+    project = run_copy  # a finished 100-step run, in the current directory
     checkpoints = _checkpoints(project / "runs")
     victims = [project / f"VICTIM{i}" for i in range(3)]
     (project / "elsewhere").mkdir()
@@ -62,12 +61,12 @@ def test_a_crafted_checkpoint_cannot_delete_files_outside_its_run(project, monke
         victims = [project / "elsewhere" / v.name for v in victims]
     torch.save(last, checkpoints / "last.ckpt")
     capsys.readouterr()
-    assert _fit("runs", 400, "--ckpt_path", "last", "--data.steps_per_epoch", "100") == 0
+    assert _fit("runs", 200, "--ckpt_path", "last", "--data.steps_per_epoch", "100") == 0
     err = capsys.readouterr().err
     assert all(v.read_text() == "precious" for v in victims), [str(v) for v in victims if not v.exists()]
     lines = [x for x in err.splitlines() if "lead outside" in x]
     assert len(lines) == 1 and "ignored 4 checkpoint path(s)" in lines[0], err[-2000:]
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 400
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 200
 
 
 # ------------------------------------------------------------------------------------------------------ signals
@@ -95,24 +94,21 @@ def _lines(err: str) -> list[str]:
 
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["new-run", "resumed-run"])
-def test_sigterm_before_the_first_step_exits_143_with_a_line(project, monkeypatch, capsys, resumed):
+def test_sigterm_before_the_first_step_exits_143_with_a_line(run_copy, monkeypatch, capsys, resumed):
     """Lightning's sanity check runs before training starts: a SIGTERM there used to end the fit with status 0 and
     no line, so a requeue-on-143 recipe thought the job had finished."""
-    monkeypatch.chdir(project)
-    if resumed:
-        assert _fit("runs", 100, "--data.steps_per_epoch", "100") == 0
-    before = (_checkpoints(project / "runs") / "last.ckpt").read_bytes() if resumed else None
+    before = (_checkpoints(run_copy / "runs") / "last.ckpt").read_bytes()
     _signal_at(monkeypatch, "on_fit_start", signal.SIGTERM)
     capsys.readouterr()
-    extra = ["--ckpt_path", "last"] if resumed else []
-    assert _fit("runs", 200, "--data.steps_per_epoch", "100", *extra) == 143
+    args = ["runs", 200, "--ckpt_path", "last"] if resumed else ["fresh", 200]
+    assert _fit(*args, "--data.steps_per_epoch", "100") == 143
     lines = _lines(capsys.readouterr().err)
     assert len(lines) == 1 and "interrupted by SIGTERM before the first step: no checkpoint written" in lines[0], lines
     if resumed:
-        assert (_checkpoints(project / "runs") / "last.ckpt").read_bytes() == before  # untouched
+        assert (_checkpoints(run_copy / "runs") / "last.ckpt").read_bytes() == before  # untouched
     else:
-        assert not list((project / "runs").rglob("*.ckpt"))
-        assert not (project / "runs" / "lightning_logs" / "version_0").exists()  # the empty claim is removed
+        assert not list((run_copy / "fresh").rglob("*.ckpt"))
+        assert not (run_copy / "fresh" / "lightning_logs" / "version_0").exists()  # the empty claim is removed
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() gives the caller its handlers back
 
 
