@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -186,8 +187,8 @@ def resource_error(error: BaseException, command: str) -> str | None:
         )
     if isinstance(error, FileNotFoundError) and error.filename:
         return (
-            f"{error.filename} disappeared while {command} was using it (was the run directory deleted or moved?); "
-            "checkpoints already written elsewhere are intact"
+            f"{os.fsdecode(error.filename)} disappeared while {command} was using it (was the run directory deleted "
+            "or moved?); it stopped there"
         )
     if isinstance(error, RuntimeError) and _NOT_A_DISTRIBUTION.search(str(error)):
         return (
