@@ -163,26 +163,26 @@ def resource_error(error: BaseException, command: str) -> str | None:
         )
         return f"out of memory{asked}: lower {what}"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = error.filename or "a file (TensorBoard's log, or a checkpoint)"
+        where = _filename(error) or "a file (TensorBoard's log, or a checkpoint)"
         return (
             f"disk full writing {where}: free some space; checkpoints already written are intact (a run continues "
             "with `fit --ckpt_path last`)"
         )
     if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (
-            f"cannot write {error.filename or 'a file'} ({error.strerror}); choose a writable directory "
+            f"cannot write {_filename(error) or 'a file'} ({error.strerror}); choose a writable directory "
             "(--trainer.default_root_dir, --root_dir, --save_figures) or fix its permissions"
         )
     if isinstance(error, OSError) and error.errno == errno.EFBIG:
         return (
-            f"file too large writing {error.filename or 'a file'}: the file size limit (ulimit -f) is reached; raise "
+            f"file too large writing {_filename(error) or 'a file'}: the file size limit (ulimit -f) is reached; raise "
             "it; checkpoints already written are intact (a run continues with `fit --ckpt_path last`)"
         )
     if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
         return "too many open files (the limit is `ulimit -n`): raise it, e.g. ulimit -n 4096, and run again"
     if isinstance(error, OSError) and error.errno in (errno.ENOTDIR, errno.EEXIST):
         return (
-            f"cannot create the directory {error.filename or ''}: a file of that name (or of a parent's) is in the "
+            f"cannot create the directory {_filename(error) or ''}: a file of that name (or of a parent's) is in the "
             "way; move it, or choose another --trainer.default_root_dir / --root_dir"
         )
     if isinstance(error, FileNotFoundError) and error.filename:
@@ -200,6 +200,11 @@ def resource_error(error: BaseException, command: str) -> str | None:
 
 # torch.multinomial on NaN/inf probabilities (NaN weights, or logits / a temperature that underflows to 0)
 _NOT_A_DISTRIBUTION = re.compile(r"probability tensor contains either `inf`, `nan` or element < 0|invalid multinomial")
+
+
+def _filename(error: OSError) -> str | None:
+    """The file an OSError names, as text (TensorBoard's writer gives bytes)."""
+    return os.fsdecode(error.filename) if error.filename else None
 
 
 def _human(size: str) -> str:
