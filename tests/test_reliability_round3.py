@@ -447,3 +447,13 @@ def test_a_names_file_too_large_for_memory_is_refused_before_building(run_copy, 
     examples = sum(len(word) + 1 for word in (run_copy / "more.txt").read_text().split())  # each character + end
     _refused(capsys, ["fit", "--data.path", "more.txt", *FAST], f"gives {examples:,} examples: building them needs ~")
     assert not (run_copy / "lightning_logs").exists()  # refused before any run directory
+
+
+def test_the_deletion_guard_still_overrides_lightnings_method():
+    """RunCheckpoint._remove_checkpoint re-checks a path before Lightning deletes it: a private ModelCheckpoint
+    method; if a Lightning upgrade renames it, the guard would silently stop guarding (the state filter remains)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mm_lightning.runs import RunCheckpoint
+
+    assert "_remove_checkpoint" in vars(ModelCheckpoint) and "_remove_checkpoint" in vars(RunCheckpoint)
