@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import sys
 import tempfile
 import unicodedata
@@ -92,6 +93,9 @@ def read_words(path: str | os.PathLike) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None
+    fast = _ascii_words(text.removeprefix("\ufeff"))
+    if fast is not None:
+        return fast
     words = []
     for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
         word = unicodedata.normalize("NFC", line.strip())
@@ -111,6 +115,23 @@ def read_words(path: str | os.PathLike) -> list[str]:
         words.append(word)
     if not words:
         raise UsageError(f"{path} holds no words (it is empty or blank); pass --data.path FILE with one word per line")
+    return words
+
+
+_UNWANTED_ASCII = re.compile(
+    r"[\x00-\x1f\x7f" + re.escape(BOUNDARY) + "]"
+)  # a control character or the boundary token, inside a word
+
+
+def _ascii_words(text: str) -> list[str] | None:
+    """read_words' result for a plain ASCII file, by whole-list operations (a large file's per-word loop takes
+    minutes): NFC leaves ASCII as it is, so only the refusals need checking, and when one applies (or the text is not
+    ASCII) this returns None and read_words' own loop finds the line and says what is wrong."""
+    if not text.isascii():
+        return None
+    words = [word for line in text.splitlines() if (word := line.strip())]
+    if not words or max(map(len, words)) > MAX_WORD_LENGTH or _UNWANTED_ASCII.search("".join(words)):
+        return None
     return words
 
 
