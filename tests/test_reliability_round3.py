@@ -262,6 +262,14 @@ def test_a_resume_without_its_config_keeps_its_batch_size_or_says_so(run_copy, c
     assert torch.load(_checkpoints(run_copy / "runs") / "last.ckpt", weights_only=True)["global_step"] == 200
 
 
+def test_printing_commands_refuse_a_closed_standard_output(run_copy, capsys, monkeypatch):
+    """Python sets sys.stdout to None when descriptor 1 is closed (`>&-`): print() then writes nowhere."""
+    monkeypatch.setattr(sys, "stdout", None)
+    _refused(capsys, ["sample", "--root_dir", "runs", "-n", "5"], "standard output is closed: sample prints")
+    _refused(capsys, ["validate", "--ckpt_path", "last", "--trainer.default_root_dir", "runs"], "standard output")
+
+
+@pytest.mark.slow
 def test_sample_with_standard_output_closed_fails_in_one_line(run_copy):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = f"'{sys.executable}' -m mm_lightning.cli sample --root_dir runs -n 5 >&-"
