@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,8 +33,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mm_lightning import preflight
+from mm_lightning import preflight, signals
 from mm_lightning.data import (
     DEFAULT_PATH,
     NAMES_SHA256,
@@ -96,10 +98,10 @@ class Resume:
 
 
 class MakemoreCLI(LightningCLI):
-    def __init__(self, args: list[str], run: bool = True):
+    def __init__(self, args: list[str], run: bool = True, stop_on_signal: StopOnSignal | None = None):
         self._argv = list(args)
         self.resume: Resume | None = None
-        self.stop_on_signal = StopOnSignal()
+        self.stop_on_signal = stop_on_signal or StopOnSignal()
         super().__init__(
             MakemoreModule,
             NamesDataModule,
@@ -151,6 +153,7 @@ class MakemoreCLI(LightningCLI):
         hparams = checkpoint["hyper_parameters"]
         base = []
         if own_run and run_config.is_file() and not any(a.split("=")[0] == "--config" for a in args):
+            preflight.check_config_files(["--config", str(run_config)])  # a damaged one is named, in one line
             # the run's own config is the base, so `fit --ckpt_path last` continues it as it was configured, and
             # `validate --ckpt_path <another directory's run>/...` evaluates the model it trained
             base = ["--config", str(run_config)]
@@ -161,6 +164,9 @@ class MakemoreCLI(LightningCLI):
             config = self.config[subcommand]
         config.ckpt_path = str(path)
         _refuse_changed_model(hparams, config.model.as_dict(), path, resuming=subcommand == "fit")
+        if subcommand == "fit":
+            preflight.check_resumable(checkpoint, path)
+            preflight.check_resumed_data(checkpoint, config.data.as_dict(), path, run_config)
         self.resume = Resume(path, version, int(checkpoint.get("global_step", 0)), hparams["net"]["vocab"])
         if _is_rank_zero():
             written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
@@ -193,6 +199,12 @@ class MakemoreCLI(LightningCLI):
             raise UsageError(
                 f"--trainer.sync_batchnorm replaces --model.net.bn_style {config.model.net.bn_style} with torch's "
                 "SyncBatchNorm; use bn_style torch with it"
+            )
+        net = config.model.net
+        if config.data.batch_size == 1 and (net.batchnorm or net.output_batchnorm) and self.subcommand == "fit":
+            raise UsageError(  # (torch: "Expected more than 1 value per channel when training", a traceback)
+                "--data.batch_size 1 with BatchNorm: a batch of one example has no spread to normalise by; use a "
+                "batch size of at least 2, or --model.net.batchnorm false --model.net.output_batchnorm false"
             )
         if config.get("lr_scheduler") and not config.get("optimizer"):
             # Lightning's CLI would drop it without a word: it only applies with an --optimizer
@@ -255,6 +267,17 @@ class MakemoreCLI(LightningCLI):
         extra = {}
         if self.resume is not None and self.resume.version is not None:
             version = self.resume.version
+            run_dir = runs / f"version_{version}"
+            if not os.access(run_dir, os.W_OK):  # else TensorBoard's writer thread fails with a 50-line traceback
+                fix = (
+                    "copy the run somewhere writable and continue it there"
+                    if self.subcommand == "fit"
+                    else "or add --trainer.logger false to print the result only"
+                )
+                raise UsageError(
+                    f"cannot write to run {run_dir} (read-only, or another user's): {self.subcommand} writes there; "
+                    f"make it writable, {fix}"
+                )
             if self.subcommand == "fit":  # TensorBoard drops what the killed run logged after this step
                 extra["purge_step"] = self.resume.global_step
         elif self.subcommand == "fit":
@@ -279,7 +302,15 @@ class MakemoreCLI(LightningCLI):
     def after_predict(self) -> None:
         for batch in self.trainer.predict_loop.predictions or []:
             for name in batch:
-                print(name)
+                print(printable(name))
+
+
+def printable(name: str) -> str:
+    """A generated name as it may reach a terminal: a character that is not printable (ESC, BEL, a line break; only
+    a crafted checkpoint's vocabulary holds one, the data reader refuses them) as its Python escape, e.g. \\x1b."""
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
 
 
 def _processes(trainer) -> int:
@@ -367,6 +398,8 @@ def sample_command(args: list[str]) -> None:
         raise UsageError(f"--num_samples must be at least 1, got {a.num_samples}")
     if not a.temperature > 0:
         raise UsageError(f"--temperature must be positive, got {a.temperature}; 1.0 samples the model as trained")
+    if not 0 <= a.seed < 2**64:  # torch.Generator.manual_seed's range
+        raise UsageError(f"--seed must be a whole number from 0 to 2**64 - 1, got {a.seed}")
     runs = runs_dir(a.root_dir)
     if a.ckpt_path == "last" and not any(runs.glob("version_*/checkpoints/last.ckpt")):
         raise UsageError(
@@ -384,7 +417,7 @@ def sample_command(args: list[str]) -> None:
         for start in range(0, a.num_samples, SAMPLE_CHUNK):  # in chunks: memory stays flat however many are asked
             count = min(SAMPLE_CHUNK, a.num_samples - start)
             for name in generate(net, count, a.temperature, generator, one_at_a_time=a.one_at_a_time):
-                print(name)
+                print(printable(name))
 
 
 def download_command(args: list[str]) -> None:
@@ -488,6 +521,7 @@ COMMON_OPTIONS = """the options most runs need (every option follows, grouped by
   --diagnostics.every_n_steps N   sample the lecture's diagnostics every N steps (0: off; default 100)
   --print_config                  print the full configuration as YAML and exit
 """
+PRINTING_COMMANDS = ("sample", "predict", "validate", "test", "diagnose")  # their results go to standard output
 
 
 def _quiet_noise() -> None:
@@ -509,6 +543,28 @@ def _one_line(error: Exception, argv: list[str]) -> str:
     return f"{text} (see `python -m mm_lightning.cli {command} --help`)".replace("  ", " ")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _interrupted_line(e: signals.Interrupted, argv: list[str], stopper: StopOnSignal) -> str:
+    """What a signal that stopped the command where it was leaves behind, in one line."""
+    if argv[0] != "fit":
+        return f"interrupted by {e.name}: {argv[0]} stopped before it finished"
+    if not stopper.started:
+        resumed = any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv)
+        kept = "the checkpoint resumed from is as it was: run the same command again" if resumed else "run it again"
+        return f"interrupted by {e.name} before the first step: no checkpoint written; {kept}"
+    step = stopper.trainer_step()
+    if stopper.ended:
+        return f"interrupted by {e.name} after training ended at step {step}: its checkpoints are written"
+    return (
+        f"stopped at once by a second {e.name} at step {step}: no checkpoint at this step; the last one written "
+        "stays (continue with `fit --ckpt_path last`)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_noise()
     tbwrite.speed_up()  # every TensorBoard event this process writes: a C checksum instead of a Python one
@@ -522,29 +578,81 @@ def main(argv: list[str] | None = None) -> int:
     # Only then: finding those docstrings parses the source of every class the parser reads (Trainer's included),
     # ~80% of building the parser, which every command pays at start.
     set_parsing_settings(docstring_parse_attribute_docstrings=any(a in ("-h", "--help") for a in argv))
-    status = None
+    failed_threads: list[BaseException] = []  # a background writer's failure (TensorBoard's), said in one line
+    previous_hook, threading.excepthook = threading.excepthook, lambda args: failed_threads.append(args.exc_value)
     try:
-        status = _command(argv, debug)
-        return status
+        status = _main(argv, debug, failed_threads)
     finally:
-        if status != 0:
-            discard_empty_claims()  # a command that failed before logging anything leaves no empty version_N
-        unlock_runs()
+        threading.excepthook = previous_hook
+    return status
+
+
+def _main(argv: list[str], debug: bool, failed_threads: list[BaseException]) -> int:
+    with signals.handled():  # from here to the end a signal gives 128 + signal and one line, never 0
+        status = None
+        try:
+            try:
+                status = _command(argv, debug)
+            finally:
+                signals.hold()  # the cleanup below must finish: a signal now is noted, and answered after it
+                if status != 0:
+                    discard_empty_claims()  # a command that failed before logging anything leaves no empty version_N
+                unlock_runs()
+        except signals.Interrupted as e:  # (between _command's own handling and the hold above)
+            print(f"error: interrupted by {e.name} while finishing {argv[0]}", file=sys.stderr)
+            return e.status
+        if failed_threads and status == 0:  # (with another failure, its line already says what went wrong)
+            error = failed_threads[0]
+            if debug:
+                raise error
+            line = preflight.resource_error(error, argv[0]) or f"a background thread failed: {_first_line(error)}"
+            print(f"error: {line}", file=sys.stderr)
+            status = 2
+        late = signals.held()
+        if late is not None and status == 0:
+            print(
+                f"error: interrupted by {signals.NAMES[late]} as {argv[0]} finished (it had completed)", file=sys.stderr
+            )
+            return 128 + late
+        return status
 
 
 def _command(argv: list[str], debug: bool) -> int:
     """Run the command; bad input, and resource errors, as one line and exit status 2."""
+    stopper = StopOnSignal()
     try:
+        if sys.stdout is None and argv[0] in PRINTING_COMMANDS:  # `sample >&-`: print() would write nowhere, exit 0
+            raise UsageError(f"standard output is closed: {argv[0]} prints its results there; give it a file or pipe")
         preflight.check_config_files(argv)
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:]) or 0
         if argv[0] in ("fit", "validate", "test", "predict") and {"-h", "--help"} & set(argv[1:]):
             print(f"usage: python -m mm_lightning.cli {argv[0]} [options]\n\n{COMMON_OPTIONS}", flush=True)
-        interrupted = MakemoreCLI(argv).stop_on_signal
+        interrupted = MakemoreCLI(argv, stop_on_signal=stopper).stop_on_signal
         if interrupted.message() is not None:
             print(f"error: {interrupted.message()}", file=sys.stderr)
             return 128 + interrupted.received
         return 0
+    except signals.Interrupted as e:
+        signals.hold()
+        if debug:
+            raise
+        print(f"error: {_interrupted_line(e, argv, stopper)}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:  # (signal handlers are only ours in the main thread)
+        signals.hold()
+        if debug:
+            raise
+        print(f"error: {_interrupted_line(signals.Interrupted(signal.SIGINT), argv, stopper)}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except SIGTERMException:  # several processes: Lightning stopped every rank at a batch end (exit 0 otherwise)
+        signals.hold()
+        print(
+            "error: interrupted by SIGTERM: every process stopped at a batch end; continue from the last checkpoint "
+            "written with `fit --ckpt_path last`",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except (UsageError, MisconfigurationException) as e:
         if debug:
             raise

@@ -5,7 +5,9 @@
 - a seed numpy accepts (0 .. 2**32 - 1);
 - a checkpoint's contents: hyperparameters this project's model takes, a whole global_step, weights whose shapes
   are what its hyperparameters build (checked on the meta device: nothing is allocated before it is known to fit);
-- memory, disk and permission errors as one line naming what to change (see `resource_error`).
+- every failure class a command can meet as one line naming what to change (see `resource_error`, which cli.py's
+  `_command`, the one place every command runs through, calls): memory, file-size and open-file limits; a full,
+  read-only, unwritable or vanished destination, or a file in the way of a directory; unusable model output.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -103,11 +106,53 @@ def check_checkpoint(checkpoint: dict, path) -> None:
         )
 
 
+def check_resumable(checkpoint: dict, path) -> None:
+    """A checkpoint `fit --ckpt_path` can continue exactly: Lightning's loop counters, the optimizer's state and the
+    schedulers'. Without loop state Lightning restarts at step 0 while the run counts from the checkpoint's step
+    (and writes its TensorBoard points a second time); without optimizer state it stops with a KeyError."""
+    step = checkpoint.get("global_step", 0)
+    if not isinstance(checkpoint.get("loops"), dict) or "fit_loop" not in checkpoint["loops"]:
+        raise UsageError(
+            f"{path} holds no training-loop state (edited, or written by another tool): resuming it would restart at "
+            f"step 0 while counting from step {step}; use it with validate/test/sample, or start a new run"
+        )
+    optimizers = checkpoint.get("optimizer_states")
+    if not optimizers or not all(isinstance(o, dict) and "param_groups" in o and "state" in o for o in optimizers):
+        raise UsageError(
+            f"{path} holds no optimizer state (a weights-only checkpoint, e.g. --checkpoint.save_weights_only true): "
+            "it cannot continue a run; use it with validate/test/sample, or start a new run"
+        )
+    schedulers = checkpoint.get("lr_schedulers", [])
+    if not isinstance(schedulers, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("last_epoch"), int) and isinstance(s.get("base_lrs"), list)
+        for s in schedulers
+    ):
+        raise UsageError(f"{path}: its learning-rate scheduler state is damaged; resume an earlier checkpoint")
+
+
+RESUMED_DATA = ("batch_size", "seed", "split_seed", "sampler")  # what a resumed run's minibatch stream depends on
+
+
+def check_resumed_data(checkpoint: dict, given: dict, path, run_config) -> None:
+    """A resumed run keeps the minibatch stream it was trained on: a batch size or seed that differs from the
+    checkpoint's (its DataModule hyperparameters) would silently change it, e.g. when the run's config.yaml is gone
+    and the defaults step in."""
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    for key in RESUMED_DATA:
+        if key in saved and key in given and given[key] != saved[key]:
+            why = f"the run's {run_config} is missing" if not Path(run_config).is_file() else "this command changes it"
+            raise UsageError(
+                f"{path} was trained with data.{key}={saved[key]!r} but this command gives {given[key]!r} ({why}); "
+                f"pass --data.{key} {saved[key]} to continue the run as it was, or start a new run without --ckpt_path"
+            )
+
+
 _OOM = re.compile(r"(can't allocate memory|out of memory|Cannot allocate memory)", re.IGNORECASE)
 
 
 def resource_error(error: BaseException, command: str) -> str | None:
-    """A one-line message for memory, disk and permission errors, naming what to change; None for other errors."""
+    """A one-line message for a failure class (resources, destinations, model output), naming what to change; None
+    for other errors (a bug: the CLI shows its traceback)."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(error, RuntimeError) and _OOM.search(str(error))
     ):
@@ -118,16 +163,48 @@ def resource_error(error: BaseException, command: str) -> str | None:
         )
         return f"out of memory{asked}: lower {what}"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = _filename(error) or "a file (TensorBoard's log, or a checkpoint)"
         return (
-            f"disk full writing {error.filename or 'a file'}: free some space; checkpoints already written are "
-            "intact (a run continues with `fit --ckpt_path last`)"
+            f"disk full writing {where}: free some space; checkpoints already written are intact (a run continues "
+            "with `fit --ckpt_path last`)"
         )
     if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (
-            f"cannot write {error.filename or 'a file'} ({error.strerror}); choose a writable directory "
+            f"cannot write {_filename(error) or 'a file'} ({error.strerror}); choose a writable directory "
             "(--trainer.default_root_dir, --root_dir, --save_figures) or fix its permissions"
         )
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return (
+            f"file too large writing {_filename(error) or 'a file'}: the file size limit (ulimit -f) is reached; raise "
+            "it; checkpoints already written are intact (a run continues with `fit --ckpt_path last`)"
+        )
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        return "too many open files (the limit is `ulimit -n`): raise it, e.g. ulimit -n 4096, and run again"
+    if isinstance(error, OSError) and error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return (
+            f"cannot create the directory {_filename(error) or ''}: a file of that name (or of a parent's) is in the "
+            "way; move it, or choose another --trainer.default_root_dir / --root_dir"
+        )
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return (
+            f"{os.fsdecode(error.filename)} disappeared while {command} was using it (was the run directory deleted "
+            "or moved?); it stopped there"
+        )
+    if isinstance(error, RuntimeError) and _NOT_A_DISTRIBUTION.search(str(error)):
+        return (
+            "the model's output is not a probability distribution (NaN or infinite values: the checkpoint's weights "
+            "are not finite, or --temperature is too small to divide by); use another checkpoint or temperature"
+        )
     return None
+
+
+# torch.multinomial on NaN/inf probabilities (NaN weights, or logits / a temperature that underflows to 0)
+_NOT_A_DISTRIBUTION = re.compile(r"probability tensor contains either `inf`, `nan` or element < 0|invalid multinomial")
+
+
+def _filename(error: OSError) -> str | None:
+    """The file an OSError names, as text (TensorBoard's writer gives bytes)."""
+    return os.fsdecode(error.filename) if error.filename else None
 
 
 def _human(size: str) -> str:

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import signal
+import sys
 import tempfile
 import threading
 import zipfile
@@ -22,7 +23,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from mm_lightning import compat
+from mm_lightning import compat, signals
 from mm_lightning.errors import UsageError
 
 RUNS_DIRNAME = "lightning_logs"
@@ -195,6 +196,25 @@ def _umask() -> int:
         return mask
 
 
+class _ErrorKeepingWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer replaces it with a
+    RuntimeError without an errno ("unexpected pos ..."), so a full disk (ENOSPC), a file-size limit (EFBIG) or a
+    quota (EDQUOT) would otherwise not be told apart from a bug."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Checkpoints written atomically next to their destination, and only ever read with weights_only=True.
 
@@ -209,7 +229,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode any new file gets
             with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _ErrorKeepingWriter(f)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError:
+                    if writer.error is not None:
+                        raise writer.error from None
+                    raise
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a part
@@ -250,8 +276,64 @@ class RunCheckpoint(ModelCheckpoint):
         return {**super().state_dict(), "last_global_step_saved": compat.last_saved_step(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(moved(state_dict, self.dirpath))
+        super().load_state_dict(inside_run(moved(state_dict, self.dirpath), self.dirpath))
         compat.set_last_saved_step(self, state_dict.get("last_global_step_saved", compat.last_saved_step(self)))
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        # Lightning deletes a checkpoint it replaces after checking it lies in dirpath with Path.absolute(), which
+        # keeps `..` and follows no symlink: a second check, on the resolved path, whatever the state came from
+        if self.dirpath is None or not _resolves_inside(filepath, self.dirpath):
+            return
+        super()._remove_checkpoint(trainer, filepath)
+
+
+PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")  # ModelCheckpoint's state: files it owns
+
+
+def _resolves_inside(path: str, dirpath: str) -> bool:
+    """Whether `path`, with `..` and every symlink resolved, names a file inside `dirpath` (resolved too)."""
+    if "://" in str(path):  # another filesystem (fsspec): never one of this run's files
+        return False
+    try:
+        return Path(dirpath).resolve() in Path(path).resolve().parents
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: not a path of ours
+        return False
+
+
+def inside_run(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """ModelCheckpoint's state with every path outside the run's checkpoints directory dropped: Lightning deletes
+    the old `last` and the worst of the best k when it writes new ones, so a checkpoint whose state names
+    `<dirpath>/../../../somefile` (a run folder someone sent) would make `fit --ckpt_path last` delete that file.
+    A path that claims to be inside but resolves outside is reported in one line (the checkpoint was crafted or
+    edited); one plainly elsewhere (another run's checkpoint resumed into a new run) is dropped as Lightning would
+    ignore it."""
+    if not dirpath:
+        return state
+    state, dropped = dict(state), []
+
+    def keep(path) -> bool:
+        if not path or _resolves_inside(path, dirpath):
+            return True
+        claimed = "://" in str(path) or Path(dirpath).absolute() in Path(path).absolute().parents
+        if claimed:
+            dropped.append(str(path))
+        return False
+
+    for key in PATH_KEYS:
+        if key in state and not keep(state[key]):
+            state[key] = ""
+    if "last_model_path" in state and not state["last_model_path"] and (Path(dirpath) / "last.ckpt").is_file():
+        # the run's own last.ckpt, which a replaced path stood for: written over in place (not beside, as last-v1)
+        state["last_model_path"] = str(Path(dirpath) / "last.ckpt")
+    if isinstance(state.get("best_k_models"), dict):
+        state["best_k_models"] = {k: v for k, v in state["best_k_models"].items() if keep(k)}
+    if dropped and all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK")):
+        print(
+            f"warning: ignored {len(dropped)} checkpoint path(s) that lead outside {dirpath} (first: {dropped[0]}); "
+            "the checkpoint was edited or crafted: no file outside the run is read or deleted",
+            file=sys.stderr,
+        )
+    return state
 
 
 def moved(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
@@ -324,32 +406,53 @@ class ResumedRunLogs(Callback):
 
 class StopOnSignal(Callback):
     """SIGTERM (what a cluster scheduler or a spot instance sends before the end) and Ctrl-C stop training at the
-    end of the optimizer step under way, never inside it: Lightning then validates and ModelCheckpoint writes
+    end of the optimizer step under way, never inside it (under gradient accumulation: at the next batch that steps
+    the optimizer, so the resumed run's batches line up): Lightning then validates and ModelCheckpoint writes
     last.ckpt at that step (atomically, as every checkpoint), the loggers are flushed, and the CLI exits with
     128 + the signal (143, 130) and one line saying so. `fit --ckpt_path last` continues exactly. A second Ctrl-C
-    stops at once (the last checkpoint written stays). One process only: under DDP Lightning's own SIGTERM handling
-    runs (it broadcasts the signal to every rank)."""
+    stops at once (the last checkpoint written stays). Before training starts and after it ends, signals.py answers
+    (no checkpoint is claimed). One process only: under DDP Lightning's own SIGTERM handling runs (it broadcasts the
+    signal to every rank)."""
 
-    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+    SIGNALS = signals.NAMES
 
     def __init__(self):
         self.received: int | None = None  # the signal that stopped training
         self.step: int | None = None  # the step training stopped at
+        self.started = False  # on_train_start ran: a signal from now on stops at a step, with a checkpoint
+        self.ended = False  # on_train_end ran: training's checkpoints are written
+        self._pending = False  # a signal came mid-accumulation: stop at the batch that steps the optimizer
         self._previous: dict = {}
         self._trainer = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.started, self._trainer = True, trainer
+        if trainer.world_size > 1:
+            signals.defer = True  # Lightning stops every rank at a batch end and raises SIGTERMException
         if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
             return
         self._trainer, self.received = trainer, None
         for sig in self.SIGNALS:  # replaces Lightning's SIGTERM handler, which stops without a checkpoint
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    def trainer_step(self) -> int | None:
+        return None if self._trainer is None else self._trainer.global_step
+
     def _handle(self, signum, frame) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C
+            raise signals.Interrupted(signum)  # a second Ctrl-C: at once (the CLI says so in one line)
         self.received = signum
-        self._trainer.should_stop = True  # the loop ends after this step: validation, last.ckpt
+        if self._trainer.accumulate_grad_batches > 1:
+            self._pending = True  # stopping between two accumulated batches would shift every later batch
+        else:
+            self._trainer.should_stop = True  # the loop ends after this step: validation, last.ckpt
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the batch that just ran stepped the optimizer when it completed an accumulation (or ended the epoch)
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if self._pending and (stepped or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+            self._pending = False
+            trainer.should_stop = True
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -357,6 +460,7 @@ class StopOnSignal(Callback):
         self._previous = {}
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.ended = True
         if self.received is not None:
             self.step = trainer.global_step
         self._restore()
