@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,6 +96,17 @@ class Resume:
     version: int | None  # the run directory version_N the checkpoint belongs to, if it is in one
     global_step: int
     vocab: str
+
+
+def _after_existing_event_files(run_dir: Path) -> None:
+    """Wait, if need be, until a new event file's name sorts after the run's existing ones. TensorBoard reads a run's
+    event files in name order: events.out.tfevents.<second>.<host>.<pid>.<counter>. Within one second and one process
+    (a resume right after a short fit, in a notebook or a test) the counter decides, and 10 sorts before 9: the
+    resumed file would be read first, and its purge step would hide everything the earlier file holds."""
+    seconds = [p.name.split(".")[3] for p in run_dir.glob("events.out.tfevents.*")]
+    newest = max((int(s) for s in seconds if s.isdigit()), default=0)
+    while int(time.time()) <= newest:
+        time.sleep(0.05)
 
 
 class MakemoreCLI(LightningCLI):
@@ -280,6 +292,7 @@ class MakemoreCLI(LightningCLI):
                 )
             if self.subcommand == "fit":  # TensorBoard drops what the killed run logged after this step
                 extra["purge_step"] = self.resume.global_step
+            _after_existing_event_files(run_dir)
         elif self.subcommand == "fit":
             version = claim_version(runs) if _is_rank_zero() else int(os.environ.get(VERSION_ENV, -1))
             if version < 0:  # a rank started by torchrun: it writes no logs, rank 0 broadcasts the checkpoint dir
