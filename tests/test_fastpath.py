@@ -1,5 +1,5 @@
-"""The speed seam (fastpath.py): the lean loop is chosen by itself when it can honour the run exactly, one line says
-which path runs and why, and it gives bitwise the same results as Lightning's own loop: parameters, BatchNorm
+"""The speed add-on (mm_lightning/speed): the lean loop is chosen by itself when it can honour the run exactly, one
+line says which path runs and why, and it gives bitwise the same results as Lightning's own loop: parameters, BatchNorm
 buffers, every logged metric (a user's own included, in TensorBoard and CSV), what callbacks' per-step hooks see,
 diagnostics, checkpoints; a checkpoint written by one path resumes exactly on the other."""
 
@@ -15,9 +15,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from mm_lightning.data import NamesDataModule
 from mm_lightning.diagnostics.callback import TrainingDiagnostics
-from mm_lightning.fastpath import FastPath
 from mm_lightning.model import MLPConfig
 from mm_lightning.module import MakemoreModule
+from mm_lightning.speed import FastPath
 from tests.conftest import run_cli, scalars
 from tests.test_reliability import _fit, _last, _same_state
 

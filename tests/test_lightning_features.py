@@ -147,7 +147,7 @@ class GradNorms(Callback):
 
 
 def test_callbacks_with_per_step_hooks_see_every_step(names_file, tmp_path):
-    from mm_lightning.fastpath import FastPath
+    from mm_lightning.speed import FastPath
 
     L.seed_everything(42)
     module, hooks, fast = MakemoreModule(net=NET), GradNorms(), FastPath()

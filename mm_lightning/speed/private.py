@@ -1,8 +1,6 @@
-"""Every private Lightning and PyTorch name this project touches (outside the portable diagnostics package, which
-has its own diagnostics/_compat.py), each with the reason. tests/test_compat.py checks each one still exists and
-still behaves as used here, so a Lightning or PyTorch upgrade that changes one fails loudly, in one place.
-
-Pinned by pyproject.toml to lightning 2.6 and torch 2.4-2.14.
+"""Every private Lightning and PyTorch name the speed add-on touches, each with the reason. Importing this module is
+the first check the gate makes (gate.py): a Lightning release that renamed one fails the import, and the fit runs
+on Lightning's own loop. tests/test_compat.py checks that each still exists and still behaves as used here.
 """
 
 from __future__ import annotations
@@ -11,14 +9,13 @@ import numbers
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.module import LightningModule
 
 # training_step's output as Lightning normalises it (a Tensor, a dict with "loss", or None): the lean loop hands
 # hooks exactly what Lightning's loop would
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
 
-# The fast path (fastpath.py) runs Lightning's own training epoch loop with a leaner `advance`: a subclass of the
+# The lean loop (lean.py) runs Lightning's own training epoch loop with a leaner `advance`: a subclass of the
 # loop class, swapped onto the trainer's loop object so that its progress counters, children and checkpointed
 # state stay the very objects Lightning created. There is no public way to customise the loop in Lightning 2.x.
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop as TrainingEpochLoop
@@ -191,40 +188,6 @@ class LeanLog:
         metric.forward(value, results._extract_batch_size(metric, batch_size, metric.meta))
         metric.has_reset = False
         trainer._logger_connector._current_fx = fx
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def realign_logging_step(trainer) -> None:
-    """After a restore, put the step loggers write at (`_batches_that_stepped`) back on the optimizer step.
-
-    Lightning 2.6 restores it from the checkpoint and then adds 1 in some restart stages and not in others (its
-    _TrainingEpochLoop.reset): a run resumed from a checkpoint written during the epoch's last validation logs
-    every later point one step early (the loss of step 150 at x = 149). With automatic optimization and one
-    optimizer it counts exactly the optimizer steps taken, so it must equal the global step at a batch's start."""
-    loop = trainer.fit_loop.epoch_loop
-    if trainer.lightning_module.automatic_optimization and len(trainer.optimizers) == 1:
-        loop._batches_that_stepped = trainer.global_step
-
-
-def checkpoint_saved_at_this_step(callback: ModelCheckpoint, trainer) -> bool:
-    """Whether ModelCheckpoint has already saved at the trainer's current step (or must not save now)."""
-    return callback._should_skip_saving_checkpoint(trainer)
-
-
-def save_last_checkpoint(callback: ModelCheckpoint, trainer) -> None:
-    """ModelCheckpoint's own save of last.ckpt, with its own monitor candidates (no public way to ask for it)."""
-    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
-
-
-def last_saved_step(callback: ModelCheckpoint) -> int:
-    """The global step ModelCheckpoint last saved at (not in its state_dict: lost across a restart without this)."""
-    return callback._last_global_step_saved
-
-
-def set_last_saved_step(callback: ModelCheckpoint, step: int) -> None:
-    callback._last_global_step_saved = step
 
 
 # ----------------------------------------------------------------------------------------------- CUDA graphs

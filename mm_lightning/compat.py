@@ -1,0 +1,67 @@
+"""The private Lightning names the project's core touches (run directories, resume), each guarded: where a Lightning
+release lacks one, the feature built on it steps back to Lightning's own behaviour and one line says so. The speed
+add-on has its own, gated at fit start (mm_lightning/speed/private.py, gate.py); the portable diagnostics package
+touches none. tests/test_compat.py checks that each still exists in the installed Lightning.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+
+# ModelCheckpoint's own methods RunCheckpoint calls (there is no public way to ask it to save last.ckpt now)
+MODEL_CHECKPOINT_METHODS = ("_should_skip_saving_checkpoint", "_save_last_checkpoint", "_monitor_candidates")
+
+
+def model_checkpoint_missing(callback: ModelCheckpoint) -> str | None:
+    """The first private ModelCheckpoint name RunCheckpoint uses that this Lightning lacks (None when all are
+    there): the step it last saved at is an attribute its __init__ sets, the rest are methods."""
+    for name in MODEL_CHECKPOINT_METHODS:
+        if not callable(getattr(type(callback), name, None)):
+            return f"ModelCheckpoint.{name}"
+    if not isinstance(getattr(callback, "_last_global_step_saved", None), int):
+        return "ModelCheckpoint._last_global_step_saved"
+    return None
+
+
+def warn_plain_checkpoint(missing: str) -> None:
+    import lightning
+
+    rank_zero_warn(
+        f"last.ckpt is written as Lightning's own ModelCheckpoint does (only where val/loss improves), because "
+        f"Lightning {lightning.__version__} has no {missing}"
+    )
+
+
+def checkpoint_saved_at_this_step(callback: ModelCheckpoint, trainer) -> bool:
+    """Whether ModelCheckpoint has already saved at the trainer's current step (or must not save now)."""
+    return callback._should_skip_saving_checkpoint(trainer)
+
+
+def save_last_checkpoint(callback: ModelCheckpoint, trainer) -> None:
+    """ModelCheckpoint's own save of last.ckpt, with its own monitor candidates (no public way to ask for it)."""
+    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def last_saved_step(callback: ModelCheckpoint) -> int:
+    """The global step ModelCheckpoint last saved at (not in its state_dict: lost across a restart without this)."""
+    return callback._last_global_step_saved
+
+
+def set_last_saved_step(callback: ModelCheckpoint, step: int) -> None:
+    callback._last_global_step_saved = step
+
+
+def realign_logging_step(trainer) -> None:
+    """After a restore, put the step loggers write at (`_batches_that_stepped`) back on the optimizer step.
+
+    Lightning 2.6 restores it from the checkpoint and then adds 1 in some restart stages and not in others (its
+    _TrainingEpochLoop.reset): a run resumed from a checkpoint written during the epoch's last validation logs
+    every later point one step early (the loss of step 150 at x = 149). With automatic optimization and one
+    optimizer it counts exactly the optimizer steps taken, so it must equal the global step at a batch's start.
+    A Lightning without that counter keeps its own (the attribute is only ever set where it exists)."""
+    loop = trainer.fit_loop.epoch_loop
+    if not isinstance(getattr(loop, "_batches_that_stepped", None), int):
+        return
+    if trainer.lightning_module.automatic_optimization and len(trainer.optimizers) == 1:
+        loop._batches_that_stepped = trainer.global_step
