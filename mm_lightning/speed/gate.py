@@ -104,7 +104,7 @@ def why_not_verified() -> str | None:
     if expected is None:
         return f"Lightning {version} is not a version the lean loop was verified against ({', '.join(VERIFIED)})"
     try:
-        from mm_lightning.speed import private  # noqa: F401 - the private names it uses, all importable
+        importlib.import_module("mm_lightning.speed.private")  # the private names it uses, all importable
     except Exception as e:  # noqa: BLE001 - an ImportError, or whatever a changed Lightning raises on import
         return f"a private Lightning name it uses is missing in Lightning {version} ({str(e).splitlines()[0]})"
     for path in MIRRORED:
