@@ -159,3 +159,22 @@ def test_the_hook_dicts_step_is_observed_reads_exist():
         assert isinstance(getattr(m, name), dict), name
     layer = torch.nn.Linear(1, 1)
     assert all(isinstance(getattr(layer, a), dict) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+
+
+@pytest.mark.slow
+def test_run_checkpoint_on_a_lightning_without_its_private_names_is_model_checkpoint(project, monkeypatch):
+    """A release that renamed one of ModelCheckpoint's private methods (simulated: one more name to look for): fit
+    and resume still work, as Lightning's own ModelCheckpoint, and one warning says why."""
+    from tests.test_reliability import _fit, _last
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(compat, "MODEL_CHECKPOINT_METHODS", (*compat.MODEL_CHECKPOINT_METHODS, "_renamed"))
+    with pytest.warns(
+        UserWarning,
+        match=r"last\.ckpt is written as Lightning's own ModelCheckpoint does .* "
+        r"because Lightning \S+ has no ModelCheckpoint\._renamed",
+    ):
+        assert _fit("runs", 60, "--data.steps_per_epoch", "30") == 0
+    assert _last("runs")["global_step"] == 60
+    assert _fit("runs", 90, "--ckpt_path", "last", "--data.steps_per_epoch", "30") == 0
+    assert _last("runs")["global_step"] == 90
