@@ -120,7 +120,11 @@ class MakemoreModule(L.LightningModule):
 
     def track_train_loss(self, loss: torch.Tensor) -> None:
         """Add the step's loss to train/loss, the mean over each logging interval (see on_train_batch_end)."""
-        self.train_loss.add(loss, self.global_step, self.trainer.log_every_n_steps)
+        try:
+            every = self.trainer.log_every_n_steps
+        except RuntimeError:  # called outside a fit (no trainer): one interval
+            every = 0
+        self.train_loss.add(loss, self.global_step, every)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # train/loss only where the logger writes it (every log_every_n_steps optimizer steps, and as training

@@ -342,3 +342,37 @@ def test_only_fit_imports_the_speed_add_on(project):
     for args in (["sample", "-n", "2"], ["download", "--path", "data/names.txt"], ["validate", "--ckpt_path", "last"]):
         proc = _python(["-c", SPEED_IMPORTED, *args], project, REPO)
         assert proc.returncode == 0 and "speed imported: False" in proc.stdout, (args, proc.stderr[-2000:])
+
+
+# ------------------------------------------------------------------------------------ the plain path's levers
+
+
+def test_training_step_neither_waits_for_the_device_nor_logs_between_logger_writes(monkeypatch):
+    """train/loss: the mean of the interval's losses, logged once, where the logger writes; no loss.item()."""
+    from types import SimpleNamespace
+
+    module = MakemoreModule(net=MLPConfig(n_hidden=8, n_layers=1))
+    trainer = SimpleNamespace(log_every_n_steps=4, global_step=0, should_stop=False, fast_dev_run=False)
+    monkeypatch.setattr(MakemoreModule, "trainer", property(lambda self: trainer))
+    monkeypatch.setattr(MakemoreModule, "global_step", property(lambda self: trainer.global_step))
+    logged = []
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.append((trainer.global_step, name, value)))
+
+    def no_sync(self):
+        raise AssertionError("a host sync in training_step")
+
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(10):
+        batch = torch.randint(0, 27, (16, 3), generator=g), torch.randint(0, 27, (16,), generator=g)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", no_sync)
+            losses.append(module.training_step(batch, step).detach())
+        trainer.global_step = step + 1  # the optimizer stepped
+        module.on_train_batch_end({"loss": losses[-1]}, batch, step)
+    assert [(s, n) for s, n, _ in logged] == [(4, "train/loss"), (8, "train/loss")]
+    for (_, _, value), first in zip(logged, (0, 4)):
+        total = losses[first]
+        for loss in losses[first + 1 : first + 4]:
+            total = total + loss
+        assert torch.equal(value, total / 4)
