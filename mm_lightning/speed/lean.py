@@ -89,7 +89,7 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         self.lean_graph: GraphedSGDStep | None = None
 
     def graph_steps(self, trainer: L.Trainer, module: L.LightningModule) -> str | None:
-        """Run unobserved steps as CUDA graph replays (graphed.py) where that is exactly the template's step;
+        """Run unobserved steps as CUDA graph replays (graphed.py) where the module declares its step graphable;
         returns why not (None when they will)."""
         if trainer.strategy.root_device.type != "cuda":
             return "not on a CUDA device"
