@@ -47,9 +47,9 @@ from mm_lightning.data import (
 )
 from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
 from mm_lightning.errors import UsageError
-from mm_lightning.fastpath import FastPath
 from mm_lightning.model import generate
 from mm_lightning.module import LR_TAG, MakemoreModule, NonFiniteLossError
+from mm_lightning.nonfinite import StopOnNonFiniteLoss
 from mm_lightning.progress import StepProgressBar
 from mm_lightning.runs import (
     RUNS_DIRNAME,
@@ -68,6 +68,7 @@ from mm_lightning.runs import (
     unlock_runs,
     version_of,
 )
+from mm_lightning.speedswitch import fast_path_class
 from mm_lightning.threads import one_thread_if_small
 
 TRAINER_DEFAULTS = {
@@ -132,7 +133,8 @@ class MakemoreCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(TrainingDiagnostics, "diagnostics")  # on by default
-        parser.add_lightning_class_args(FastPath, "fast_path")  # speed only: results are the same without it
+        # speed only: results are the same without it; the add-on is imported only by fit (speedswitch.py)
+        parser.add_lightning_class_args(fast_path_class(self._argv[0] if self._argv else None), "fast_path")
 
     @staticmethod
     def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):
@@ -264,6 +266,7 @@ class MakemoreCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
         callbacks = trainer.get("callbacks") or []
         callbacks = [ResumedRunLogs(), *(callbacks if isinstance(callbacks, list) else [callbacks])]  # first
+        callbacks.append(StopOnNonFiniteLoss())
         if trainer.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())
         # train/lr (the scheduler's "name") every log_every_n_steps optimizer steps, beside train/loss

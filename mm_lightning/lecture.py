@@ -125,7 +125,7 @@ def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
     from mm_lightning import preflight
     from mm_lightning.cli import MakemoreCLI, _quiet_noise
     from mm_lightning.errors import UsageError
-    from mm_lightning.fastpath import FastPath
+    from mm_lightning.speedswitch import fast_path_class
 
     _quiet_noise()  # as the CLI: no warnings that say nothing about this run
     if steps < 0:
@@ -159,7 +159,10 @@ def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
         limit_val_batches=0,
         # fit's thread choice (one thread for small steps): its own callback, the lean loop and CUDA graphs left
         # out (speed only, and a diagnosis samples every step it trains)
-        callbacks=[diagnostics, FastPath(lean_loop=False, cpu_threads=_cpu_threads(cli), cuda_graph=False)],
+        callbacks=[
+            diagnostics,
+            fast_path_class("fit")(lean_loop=False, cpu_threads=_cpu_threads(cli), cuda_graph=False),
+        ],
     )
     trainer.fit(cli.model, datamodule=cli.datamodule)
     expected = configured.expected_initial_loss or math.log(cli.model.num_classes)

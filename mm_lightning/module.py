@@ -3,13 +3,13 @@
 One minibatch per `training_step`, automatic optimization, `configure_optimizers` returning an optimizer and a
 step-interval scheduler, metrics through `self.log`. Every Lightning feature (callbacks, loggers, precision,
 gradient clipping, accumulation, `--optimizer` / `--lr_scheduler` from the CLI) works on it as on any Lightning
-project. Nothing here is about speed: that lives in fastpath.py, which runs this same module faster when it can
-do so exactly, and steps aside when it cannot.
+project. Nothing here is about speed: that lives in the speed add-on (mm_lightning/speed/), which runs this same
+module faster when it can do so exactly, and steps aside when it cannot. A NaN/Inf loss stops training through a
+callback the CLI adds (mm_lightning/nonfinite.py), so that nothing here waits for a GPU on every step.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Literal
 
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from mm_lightning.diagnostics.stats import first_nonfinite_module
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig, generate
 from mm_lightning.notebook_sgd import NotebookSGD
@@ -30,6 +29,35 @@ NON_FINITE_ADVICE = "lower the learning rate or check the init; checkpoints writ
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/Inf loss; the message names the step and the first non-finite layer."""
+
+
+class IntervalMean:
+    """A per-step loss's mean over each logging interval (`every` optimizer steps), summed on the loss's device:
+    nothing waits for a GPU until the logger writes. Its state is plain values (checkpoints load weights_only)."""
+
+    def __init__(self):
+        self.interval, self.total, self.count = -1, None, 0
+
+    def add(self, loss: torch.Tensor, step: int, every: int) -> None:
+        interval = step // every if every > 0 else 0
+        if interval != self.interval:  # the interval's first step, whether or not the last one was logged
+            self.interval, self.total, self.count = interval, None, 0
+        loss = loss.detach()
+        # a copy of the first: a CUDA graph replay (mm_lightning/speed) hands the same tensor every step
+        self.total = loss.clone() if self.total is None else self.total + loss
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    def state_dict(self) -> dict:
+        total = None if self.total is None else self.total.cpu()
+        return {"interval": self.interval, "total": total, "count": self.count}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        total = state["total"]
+        self.interval, self.count = int(state["interval"]), int(state["count"])
+        self.total = None if total is None else total.to(device)
 
 
 class MakemoreModule(L.LightningModule):
@@ -69,6 +97,7 @@ class MakemoreModule(L.LightningModule):
         # float64 sums: loss x examples must not overflow (or round) on a whole split
         self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         self._checkpoint_step = 0  # the step of the checkpoint loaded (evaluation restores no loop state)
+        self.train_loss = IntervalMean()  # logged as train/loss where the logger writes (on_train_batch_end)
 
     @property
     def vocab(self) -> str:
@@ -90,19 +119,29 @@ class MakemoreModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self.net(x), y)
-        if not math.isfinite(loss.item()):  # before the update, while the parameters that produced it still exist
-            self._stop_non_finite(loss.item(), x)
-        self.log("train/loss", loss, prog_bar=True)
+        self.track_train_loss(loss)
         return loss
 
-    def _stop_non_finite(self, loss: float, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            where = first_nonfinite_module(self, x)
-        raise NonFiniteLossError(
-            f"the loss became {loss} at step {self.global_step}"
-            + (f"; the first non-finite output is {where}" if where else "")
-            + f"; {NON_FINITE_ADVICE}"
-        )
+    # The speed add-on (mm_lightning/speed) may run this training_step as one CUDA graph of what it does: the loss
+    # cross_entropy(self.net(x), y), handed to track_train_loss. A subclass that overrides training_step is run as
+    # written, unless it declares its own the same way (docs/speed.md).
+    graphable_training_step = training_step
+
+    def track_train_loss(self, loss: torch.Tensor) -> None:
+        """Add the step's loss to train/loss, the mean over each logging interval (see on_train_batch_end)."""
+        try:
+            every = self.trainer.log_every_n_steps
+        except RuntimeError:  # called outside a fit (no trainer): one interval
+            every = 0
+        self.train_loss.add(loss, self.global_step, every)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # train/loss only where the logger writes it (every log_every_n_steps optimizer steps, and as training
+        # stops): a self.log costs ~0.4 ms on a CPU, and reading a loss off a GPU makes the CPU wait for it
+        trainer, every = self.trainer, self.trainer.log_every_n_steps
+        writes = trainer.should_stop or trainer.fast_dev_run or (every and trainer.global_step % every == 0)
+        if writes and self.train_loss.count:
+            self.log("train/loss", self.train_loss.mean(), prog_bar=True)
 
     def _first_nonfinite_parameter(self) -> str | None:
         return next((name for name, p in self.named_parameters() if not torch.isfinite(p).all()), None)
@@ -116,8 +155,13 @@ class MakemoreModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------------- evaluation
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["train_loss_interval"] = self.train_loss.state_dict()  # a resumed run continues its mean
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
+        if "train_loss_interval" in checkpoint:
+            self.train_loss.load_state_dict(checkpoint["train_loss_interval"], self.device)
 
     def on_validation_start(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:

@@ -265,19 +265,33 @@ class RunCheckpoint(ModelCheckpoint):
       val/loss is missing).
     - A run directory that was moved or copied keeps its checkpoints' bookkeeping (see `moved`): plain
       ModelCheckpoint would forget it, write last-v1.ckpt beside last.ckpt, and `--ckpt_path last` would go back.
+
+    On a Lightning without the private ModelCheckpoint names the first two use (compat.model_checkpoint_missing),
+    it is ModelCheckpoint as Lightning ships it, and one warning at setup says so.
     """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        missing = compat.model_checkpoint_missing(self)
+        if missing is not None and stage == "fit":
+            compat.warn_plain_checkpoint(missing)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
+        if compat.model_checkpoint_missing(self) is not None:
+            return
         if self.save_last and not compat.checkpoint_saved_at_this_step(self, trainer):
             compat.save_last_checkpoint(self, trainer)
 
     def state_dict(self) -> dict[str, Any]:
+        if compat.model_checkpoint_missing(self) is not None:
+            return super().state_dict()
         return {**super().state_dict(), "last_global_step_saved": compat.last_saved_step(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(inside_run(moved(state_dict, self.dirpath), self.dirpath))
-        compat.set_last_saved_step(self, state_dict.get("last_global_step_saved", compat.last_saved_step(self)))
+        if compat.model_checkpoint_missing(self) is None:
+            compat.set_last_saved_step(self, state_dict.get("last_global_step_saved", compat.last_saved_step(self)))
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         # Lightning deletes a checkpoint it replaces after checking it lies in dirpath with Path.absolute(), which

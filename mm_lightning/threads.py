@@ -1,10 +1,10 @@
 """fit's CPU thread choice, for the commands and the notebook API that compute outside `fit`'s training loop.
 
-`fit` (FastPath, fastpath.py) trains with one CPU thread when each op of a step is too small to split across
-cores (rows x the widest Linear's multiply-adds under SINGLE_THREAD_WORK), unless OMP_NUM_THREADS is set: on a
-loaded machine the default thread count made the same small ops 10-25x slower (OpenMP spin-waits). `diagnose`
-and `lecture.diagnose` train through FastPath's own callback (lecture.run_diagnosis); `sample` and
-`reproduce`'s evaluation use one_thread_if_small here, the same rule.
+`fit` (FastPath, in the speed add-on mm_lightning/speed) trains with one CPU thread when each op of a step is too
+small to split across cores (rows x the widest Linear's multiply-adds under SINGLE_THREAD_WORK), unless
+OMP_NUM_THREADS is set: on a loaded machine the default thread count made the same small ops 10-25x slower (OpenMP
+spin-waits). `diagnose` and `lecture.diagnose` train through fit's own callback (lecture.run_diagnosis); `sample`
+and `reproduce`'s evaluation use one_thread_if_small here, the same rule.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import os
 
 import torch
 
-from mm_lightning.fastpath import SINGLE_THREAD_WORK
+# Below this many multiply-adds in the widest Linear of a step, one CPU thread beats several (each op is too small
+# to split): measured 1.27x faster at batch 32 x width 100; two threads win from about batch 2048 x width 100.
+# (Here, in the core, so that the rule holds with the speed add-on deleted; FastPath reads it from here.)
+SINGLE_THREAD_WORK = 2_500_000
 
 
 def suits_one_thread(net: torch.nn.Module, rows: int) -> bool:

@@ -1,76 +1,124 @@
-"""Every private Lightning/PyTorch name in mm_lightning/compat.py still exists and still behaves as used; and the
-Lightning code the fast path mirrors is still the code it was checked against. An upgrade that changes any of it
-fails here, in one place, with what to re-check (tests/test_fastpath.py then proves the two paths equal again)."""
+"""The installed Lightning against what the project was verified on: its version is in the speed add-on's table of
+verified versions, every function the lean loop mirrors still has the recorded source fingerprint, and every private
+Lightning/PyTorch name the project touches still exists and behaves as used. A new Lightning release fails here, in
+CI, with what to re-check (docs/speed.md), while users of it train on Lightning's own loop. The gate's own answers
+for a simulated other Lightning (another version, a renamed private name, a changed or patched function) are
+checked here too; tests/test_fastpath.py checks that such a fit equals the plain loop's."""
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import sys
 
+import lightning
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.module import LightningModule
-from lightning.pytorch.loops.optimization.automatic import Closure, _AutomaticOptimization
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.loops.optimization.automatic import Closure, ClosureResult, _AutomaticOptimization
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection, _ResultMetric
 
 from mm_lightning import compat
-
-# the Lightning 2.6.6 code that fastpath.LeanEpochLoop and compat.LeanLog reproduce, call for call (sha256 of the
-# source, first 16 hex digits). If one changes: read the new code, bring the lean loop in line, update the hash.
-MIRRORED = {
-    "_TrainingEpochLoop.advance": (compat.TrainingEpochLoop.advance, "c7555c016027bd73"),
-    "_TrainingEpochLoop.reset": (compat.TrainingEpochLoop.reset, "0014631aabe0ac52"),
-    "_TrainingEpochLoop._should_check_val_fx": (compat.TrainingEpochLoop._should_check_val_fx, "cf0916b12e18a2cc"),
-    "_TrainingEpochLoop._update_learning_rates": (compat.TrainingEpochLoop._update_learning_rates, "26ac8752d7a358d5"),
-    "_AutomaticOptimization.run": (_AutomaticOptimization.run, "385b43732ecc8af3"),
-    "_AutomaticOptimization._make_zero_grad_fn": (_AutomaticOptimization._make_zero_grad_fn, "0f9b56ff1dc1a3ba"),
-    "_AutomaticOptimization._optimizer_step": (_AutomaticOptimization._optimizer_step, "e196b2fa15d19ee6"),
-    "_AutomaticOptimization._on_before_zero_grad": (_AutomaticOptimization._on_before_zero_grad, "b7f44d3a31d4debb"),
-    "_AutomaticOptimization._optimizer_zero_grad": (_AutomaticOptimization._optimizer_zero_grad, "abd5876aaf91ee7d"),
-    "_AutomaticOptimization._training_step": (_AutomaticOptimization._training_step, "72e8f9529eacba73"),
-    "Closure.closure": (Closure.closure, "9fb9a0ba9c7be69a"),
-    "ClosureResult.from_training_step_output": (compat.ClosureResult.from_training_step_output, "1f1d12d6ce289fc7"),
-    "LightningModule.log": (LightningModule.log, "439eca9906e4b77b"),
-    "LightningModule.optimizer_step": (LightningModule.optimizer_step, "f07278673bfab100"),
-    "LightningModule.lr_scheduler_step": (LightningModule.lr_scheduler_step, "7cd01c527733468c"),
-    "_ResultCollection.log": (_ResultCollection.log, "57ea91856621d155"),
-    "_ResultCollection.update_metrics": (_ResultCollection.update_metrics, "61e950f1f1d25eea"),
-    "_LoggerConnector.on_batch_end": (_LoggerConnector.on_batch_end, "87c0a9cd43e97f9d"),
-    "_LoggerConnector.update_train_step_metrics": (_LoggerConnector.update_train_step_metrics, "44584c0c55de3464"),
-    "_LoggerConnector.should_update_logs": (_LoggerConnector.should_update_logs.fget, "a60ba9e9cd0c62d9"),
-    "Precision._wrap_closure": (Precision._wrap_closure, "2d25ccda9ac5fcdc"),
-    "Strategy.backward": (Strategy.backward, "627cfe60660857e3"),
-    "Strategy.training_step": (Strategy.training_step, "e0755d72cd8b74f0"),
-}
+from mm_lightning.speed import gate, private
 
 
-@pytest.mark.parametrize("name", list(MIRRORED))
-def test_the_lightning_code_the_fast_path_mirrors_is_unchanged(name):
-    obj, expected = MIRRORED[name]
-    digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
-    assert digest == expected, (
-        f"Lightning changed {name}: fastpath.py / compat.py reproduce it; re-check them against the new code, "
-        "then update MIRRORED here"
+def test_the_installed_lightning_is_a_verified_version():
+    assert lightning.__version__ in gate.VERIFIED, (
+        f"Lightning {lightning.__version__} is not in mm_lightning/speed/gate.py's VERIFIED: users of it train on "
+        "Lightning's own loop. To verify it, follow docs/speed.md (read the mirrored code, run tests/test_fastpath.py)"
     )
+    assert gate.why_not_verified() is None
+
+
+@pytest.mark.parametrize("path", gate.MIRRORED, ids=[p.partition(":")[2] for p in gate.MIRRORED])
+def test_the_lightning_code_the_fast_path_mirrors_is_unchanged(path):
+    name = path.partition(":")[2]
+    expected = gate.VERIFIED.get(lightning.__version__, {}).get(name)
+    assert gate.fingerprint(gate.resolve(path)) == expected, (
+        f"Lightning changed {name}: lean.py / private.py reproduce it; re-check them against the new code, then "
+        "record the new fingerprints in gate.VERIFIED (docs/speed.md)"
+    )
+
+
+def test_the_gate_fingerprints_the_functions_themselves():
+    """gate.resolve finds the very functions Lightning's classes hold (an independent import of each), and the
+    fingerprint is the sha256 of the source."""
+    found = {p.partition(":")[2]: gate.resolve(p) for p in gate.MIRRORED}
+    assert found["_TrainingEpochLoop.advance"] is _TrainingEpochLoop.advance
+    assert found["_AutomaticOptimization.run"] is _AutomaticOptimization.run
+    assert found["Closure.closure"] is Closure.closure
+    assert found["ClosureResult.from_training_step_output"] is ClosureResult.from_training_step_output.__func__
+    assert found["_LoggerConnector.should_update_logs"] is _LoggerConnector.should_update_logs.fget
+    assert found["LightningModule.log"] is LightningModule.log
+    source = inspect.getsource(_ResultCollection.log).encode()
+    assert gate.fingerprint(_ResultCollection.log) == hashlib.sha256(source).hexdigest()[:16]
+    assert set(gate.VERIFIED[lightning.__version__]) == set(found)
+
+
+# ------------------------------------------------------------------------------------ a simulated other Lightning
+
+
+def test_the_gate_refuses_another_version(monkeypatch):
+    monkeypatch.setattr(lightning, "__version__", "2.99.0")
+    assert gate.why_not_verified() == (
+        f"Lightning 2.99.0 is not a version the lean loop was verified against ({', '.join(gate.VERIFIED)})"
+    )
+
+
+def test_the_gate_refuses_a_renamed_private_name(monkeypatch):
+    import lightning.pytorch.loops.training_epoch_loop as loops
+
+    monkeypatch.delattr(loops, "_TrainingEpochLoop")  # as if a release had renamed it
+    monkeypatch.delitem(sys.modules, "mm_lightning.speed.private", raising=False)  # imported afresh
+    why = gate.why_not_verified()
+    assert why.startswith(f"a private Lightning name it uses is missing in Lightning {lightning.__version__}"), why
+    assert "_TrainingEpochLoop" in why
+
+
+def test_the_gate_refuses_a_changed_function(monkeypatch):
+    original = _AutomaticOptimization.run
+
+    def run(self, optimizer, batch_idx, kwargs):  # a release that does more per step
+        return original(self, optimizer, batch_idx, kwargs)
+
+    monkeypatch.setattr(_AutomaticOptimization, "run", run)
+    why = gate.why_not_verified()
+    assert why.startswith("Lightning's _AutomaticOptimization.run is not the code the lean loop was verified"), why
+
+
+def test_the_gate_refuses_a_missing_mirrored_function(monkeypatch):
+    monkeypatch.delattr(_LoggerConnector, "on_batch_end")
+    why = gate.why_not_verified()
+    assert why.startswith(f"Lightning {lightning.__version__} has no _LoggerConnector.on_batch_end as verified"), why
+
+
+# ------------------------------------------------------------------------------------------------ private names
 
 
 def test_private_attributes_the_project_reads_exist():
     loop_attrs = ["_batches_that_stepped", "_build_kwargs", "_should_check_val_fx", "_is_training_done"]
     loop_attrs += ["_num_ready_batches_reached", "_broadcast_sigterm_tensor", "_warning_cache", "_results"]
     for attr in loop_attrs:
-        assert hasattr(compat.TrainingEpochLoop, attr) or attr in inspect.getsource(compat.TrainingEpochLoop), attr
-    for attr in ("_should_skip_saving_checkpoint", "_save_last_checkpoint", "_monitor_candidates"):
-        assert callable(getattr(ModelCheckpoint, attr)), attr
-    assert "_last_global_step_saved" in inspect.getsource(ModelCheckpoint.__init__)
+        assert hasattr(private.TrainingEpochLoop, attr) or attr in inspect.getsource(private.TrainingEpochLoop), attr
+    assert compat.model_checkpoint_missing(ModelCheckpoint()) is None
     for attr in ("_progress_bar_metrics", "_callback_metrics", "_logged_metrics", "_current_fx", "_first_loop_iter"):
         assert attr in inspect.getsource(_LoggerConnector.__init__), attr
     assert callable(_ResultCollection._extract_batch_size) and callable(_ResultMetric.forward)
     assert "has_reset" in inspect.getsource(_ResultMetric)
-    assert "_val_check_time_interval" in inspect.getsource(compat.TrainingEpochLoop._should_check_val_fx)
+    assert "_val_check_time_interval" in inspect.getsource(private.TrainingEpochLoop._should_check_val_fx)
+
+
+def test_a_model_checkpoint_without_its_private_names_is_named():
+    class Renamed(ModelCheckpoint):
+        _save_last_checkpoint = None  # as if a release had renamed it
+
+    assert compat.model_checkpoint_missing(Renamed()) == "ModelCheckpoint._save_last_checkpoint"
+    callback = ModelCheckpoint()
+    del callback._last_global_step_saved
+    assert compat.model_checkpoint_missing(callback) == "ModelCheckpoint._last_global_step_saved"
 
 
 def test_set_epoch_loop_class_keeps_the_loop_object():
@@ -79,23 +127,23 @@ def test_set_epoch_loop_class_keeps_the_loop_object():
     trainer = L.Trainer(logger=False, enable_checkpointing=False)
     loop = trainer.fit_loop.epoch_loop
 
-    class Lean(compat.TrainingEpochLoop):
+    class Lean(private.TrainingEpochLoop):
         pass
 
-    compat.set_epoch_loop_class(trainer, Lean)
+    private.set_epoch_loop_class(trainer, Lean)
     assert trainer.fit_loop.epoch_loop is loop and type(loop) is Lean
     trainer.fit_loop.epoch_loop = object()
     with pytest.raises(TypeError, match="not Lightning's training epoch loop"):
-        compat.set_epoch_loop_class(trainer, Lean)
+        private.set_epoch_loop_class(trainer, Lean)
 
 
 def test_foreach_ops_match_their_per_tensor_meaning():
     a = [torch.randn(3, 4), torch.randn(5)]
     b = [torch.randn(3, 4), torch.randn(5)]
     expected = [x.clone().add_(y, alpha=-0.1) for x, y in zip(a, b)]
-    compat.foreach_add_(a, b, alpha=-0.1)
+    private.foreach_add_(a, b, alpha=-0.1)
     assert all(torch.equal(x, e) for x, e in zip(a, expected))
-    compat.foreach_copy_(a, b)
+    private.foreach_copy_(a, b)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -111,3 +159,22 @@ def test_the_hook_dicts_step_is_observed_reads_exist():
         assert isinstance(getattr(m, name), dict), name
     layer = torch.nn.Linear(1, 1)
     assert all(isinstance(getattr(layer, a), dict) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+
+
+@pytest.mark.slow
+def test_run_checkpoint_on_a_lightning_without_its_private_names_is_model_checkpoint(project, monkeypatch):
+    """A release that renamed one of ModelCheckpoint's private methods (simulated: one more name to look for): fit
+    and resume still work, as Lightning's own ModelCheckpoint, and one warning says why."""
+    from tests.test_reliability import _fit, _last
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(compat, "MODEL_CHECKPOINT_METHODS", (*compat.MODEL_CHECKPOINT_METHODS, "_renamed"))
+    with pytest.warns(
+        UserWarning,
+        match=r"last\.ckpt is written as Lightning's own ModelCheckpoint does .* "
+        r"because Lightning \S+ has no ModelCheckpoint\._renamed",
+    ):
+        assert _fit("runs", 60, "--data.steps_per_epoch", "30") == 0
+    assert _last("runs")["global_step"] == 60
+    assert _fit("runs", 90, "--ckpt_path", "last", "--data.steps_per_epoch", "30") == 0
+    assert _last("runs")["global_step"] == 90

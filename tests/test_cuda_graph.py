@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mm_lightning import compat, fastpath
 from mm_lightning.cli import MakemoreCLI
 from mm_lightning.data import NamesDataModule
 from mm_lightning.diagnostics.callback import TrainingDiagnostics
-from mm_lightning.fastpath import FastPath
-from mm_lightning.graphed import GraphedSGDStep
 from mm_lightning.model import MLP, MLPConfig
 from mm_lightning.module import MakemoreModule
+from mm_lightning.speed import FastPath, lean, private
+from mm_lightning.speed.graphed import GraphedSGDStep
 from tests.conftest import flat_tag, scalars
 from tests.test_reliability import FAST, NO_BN, _fit, _last, _same_state
 
@@ -59,14 +58,14 @@ def test_observed_steps_are_seen():
     net = MLP(MLPConfig(vocab=VOCAB))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     modules = list(net.modules())
-    assert not compat.step_is_observed(opt, modules)
+    assert not private.step_is_observed(opt, modules)
     handle = net.layers[2].register_forward_hook(lambda *a: None)
-    assert compat.step_is_observed(opt, modules)
+    assert private.step_is_observed(opt, modules)
     handle.remove()
     handle = opt.register_step_post_hook(lambda *a: None)
-    assert compat.step_is_observed(opt, modules)
+    assert private.step_is_observed(opt, modules)
     handle.remove()
-    assert not compat.step_is_observed(opt, modules)
+    assert not private.step_is_observed(opt, modules)
 
 
 def _python_fit(names_file, root, steps: int) -> tuple[MakemoreModule, TrainingDiagnostics]:
@@ -101,7 +100,7 @@ def test_graphed_branch_of_the_lean_loop_equals_eager_steps_on_cpu(names_file, t
         self.graph = SimpleNamespace(replay=lambda: replays.append(1) or self.step(lr))
         self.lr, self.captures = lr, self.captures + 1
 
-    monkeypatch.setattr(fastpath.LeanEpochLoop, "graph_steps", use_graphs)
+    monkeypatch.setattr(lean.LeanEpochLoop, "graph_steps", use_graphs)
     monkeypatch.setattr(GraphedSGDStep, "_capture", capture)
     graphed, graphed_diag = _python_fit(names_file, tmp_path / "g", 120)
     assert len(replays) == 120 - 6  # every step but the six the diagnostics watched (0, 20, ..., 100)

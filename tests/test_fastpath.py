@@ -1,11 +1,16 @@
-"""The speed seam (fastpath.py): the lean loop is chosen by itself when it can honour the run exactly, one line says
-which path runs and why, and it gives bitwise the same results as Lightning's own loop: parameters, BatchNorm
+"""The speed add-on (mm_lightning/speed): the lean loop is chosen by itself when it can honour the run exactly, one
+line says which path runs and why, and it gives bitwise the same results as Lightning's own loop: parameters, BatchNorm
 buffers, every logged metric (a user's own included, in TensorBoard and CSV), what callbacks' per-step hooks see,
 diagnostics, checkpoints; a checkpoint written by one path resumes exactly on the other."""
 
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,13 +20,14 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from mm_lightning.data import NamesDataModule
 from mm_lightning.diagnostics.callback import TrainingDiagnostics
-from mm_lightning.fastpath import FastPath
 from mm_lightning.model import MLPConfig
 from mm_lightning.module import MakemoreModule
-from tests.conftest import flat_tag, run_cli, scalars
+from mm_lightning.speed import FastPath
+from tests.conftest import SMALL, flat_tag, run_cli, scalars
 from tests.test_reliability import _fit, _last, _same_state
 
 NET = MLPConfig(n_hidden=16, n_layers=2)
+REPO = Path(__file__).resolve().parent.parent
 
 
 class UserModule(MakemoreModule):
@@ -173,3 +179,202 @@ def test_one_line_says_which_path_runs_and_why(project, extra, expected):
     )
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "training path:" in line]
     assert len(lines) == 1 and expected in lines[0], lines
+
+
+# ------------------------------------------------------------------------ the gate: a simulated other Lightning
+
+
+def _small_fit(names, root, lean: bool = True, steps: int = 40):
+    L.seed_everything(42)
+    module = MakemoreModule(net=NET, milestones=[20])
+    fast = FastPath(lean_loop=lean)
+    trainer = L.Trainer(
+        max_steps=steps,
+        callbacks=[fast],
+        logger=TensorBoardLogger(root, name="tb", version=0),
+        log_every_n_steps=10,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, NamesDataModule(path=str(names), steps_per_epoch=50))
+    return module, fast
+
+
+def _another_version(monkeypatch):
+    import lightning
+
+    monkeypatch.setattr(lightning, "__version__", "2.99.0")
+    return "Lightning 2.99.0 is not a version the lean loop was verified against"
+
+
+def _a_renamed_private_name(monkeypatch):
+    import lightning.pytorch.loops.training_epoch_loop as loops
+
+    monkeypatch.delattr(loops, "_TrainingEpochLoop")
+    monkeypatch.delitem(sys.modules, "mm_lightning.speed.private", raising=False)  # imported afresh
+    return "a private Lightning name it uses is missing"
+
+
+def _a_changed_function(monkeypatch):
+    from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
+
+    original = _AutomaticOptimization.run
+
+    def run(self, optimizer, batch_idx, kwargs):
+        return original(self, optimizer, batch_idx, kwargs)
+
+    monkeypatch.setattr(_AutomaticOptimization, "run", run)
+    return "Lightning's _AutomaticOptimization.run is not the code the lean loop was verified against"
+
+
+ADVANCES = []
+
+
+def _a_patched_advance(monkeypatch):
+    """A Lightning whose `advance` does more per batch: the lean loop would skip it, so it must not run."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    original = _TrainingEpochLoop.advance
+
+    def advance(self, data_fetcher):
+        ADVANCES.append(1)
+        return original(self, data_fetcher)
+
+    monkeypatch.setattr(_TrainingEpochLoop, "advance", advance)
+    ADVANCES.clear()
+    return "Lightning's _TrainingEpochLoop.advance is not the code the lean loop was verified against"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "simulate",
+    [_another_version, _a_renamed_private_name, _a_changed_function, _a_patched_advance],
+    ids=["another-version", "renamed-private-name", "changed-fingerprint", "patched-advance"],
+)
+def test_another_lightning_trains_on_its_own_loop_with_the_same_results(names_file, tmp_path, monkeypatch, simulate):
+    plain, _ = _small_fit(names_file, tmp_path / "plain", lean=False)
+    expected = simulate(monkeypatch)
+    other, fast = _small_fit(names_file, tmp_path / "other")
+    assert fast.path == "plain" and fast.why.startswith(expected), fast.why
+    _same(other.state_dict(), plain.state_dict(), "state_dict")
+    assert scalars(tmp_path / "other" / "tb" / "version_0") == scalars(tmp_path / "plain" / "tb" / "version_0")
+    if simulate is _a_patched_advance:
+        assert len(ADVANCES) == 40  # Lightning's own advance ran every batch, with what it does more
+
+
+@pytest.mark.slow
+def test_another_lightning_through_the_cli_says_why_in_one_line(project, monkeypatch, caplog):
+    monkeypatch.chdir(project)
+    expected = _another_version(monkeypatch)
+    with caplog.at_level("INFO"):
+        assert _fit("other", 60, "--data.steps_per_epoch", "30") == 0
+    lines = [r.getMessage() for r in caplog.records if "training path:" in r.getMessage()]
+    assert lines == [f"training path: plain Lightning loop, because {expected} (2.6.6)"], lines
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    assert _fit("plain", 60, "--data.steps_per_epoch", "30", "--fast_path.lean_loop", "false") == 0
+    _same_state(_last("other"), _last("plain"))
+
+
+class Declared(MakemoreModule):
+    """A subclass with its own training_step that declares it graphable again (what a user opts into)."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx)
+
+    graphable_training_step = training_step
+
+
+def test_a_graph_replaces_only_a_training_step_the_module_declares():
+    from mm_lightning.speed.graphed import why_not_graphable
+
+    assert why_not_graphable(MakemoreModule(net=NET)) is None
+    assert why_not_graphable(UserModule(net=NET)) == (
+        "UserModule.training_step is not the one it declares graphable (a graph would not run its code)"
+    )
+    assert why_not_graphable(Declared(net=NET)) is None
+    assert why_not_graphable(L.LightningModule()) == "LightningModule declares no graphable_training_step"
+
+
+# ------------------------------------------------------------------------------------ a tree without the add-on
+
+SPEED_IMPORTED = (
+    "import sys; from mm_lightning.cli import main; rc = main(sys.argv[1:]); "
+    "print('speed imported:', any(m.split('.')[:2] == ['mm_lightning', 'speed'] for m in sys.modules)); "
+    "sys.exit(rc)"
+)
+
+
+def _python(args: list[str], cwd, pythonpath) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(pythonpath), "PYTHONUNBUFFERED": "1"}
+    env.pop("MM_LIGHTNING_RUN_VERSION", None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_every_command_works_with_the_speed_add_on_deleted(project, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "mm_lightning", tree / "mm_lightning", ignore=shutil.ignore_patterns("speed", "__pycache__"))
+    assert not (tree / "mm_lightning" / "speed").exists()
+    cli = ["-m", "mm_lightning.cli"]
+    assert _python([*cli, "--help"], project, tree).returncode == 0
+    assert _python([*cli, "fit", "--help"], project, tree).returncode == 0
+    done = _python([*cli, "download", "--path", "data/names.txt"], project, tree)
+    assert done.returncode == 0 and "already exists" in done.stdout
+    args = ["fit", "--trainer.max_steps", "30", *SMALL, "--diagnostics.every_n_steps", "0"]
+    fit = _python([*cli, *args, "--data.steps_per_epoch", "30"], project, tree)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    lines = [line for line in (fit.stdout + fit.stderr).splitlines() if "training path:" in line]
+    assert lines == [
+        "training path: plain Lightning loop, because the speed add-on mm_lightning.speed does not import "
+        "(ModuleNotFoundError: No module named 'mm_lightning.speed')"
+    ], lines
+    sample = _python([*cli, "sample", "-n", "3"], project, tree)
+    assert sample.returncode == 0 and len(sample.stdout.split()) == 3, sample.stderr[-2000:]
+    assert _python([*cli, "validate", "--ckpt_path", "last"], project, tree).returncode == 0
+
+
+@pytest.mark.slow
+def test_only_fit_imports_the_speed_add_on(project):
+    """With the add-on present: sample, download and validate never import it (its private names least of all)."""
+    fit = _python(["-c", SPEED_IMPORTED, "fit", "--trainer.max_steps", "20", *SMALL], project, REPO)
+    assert fit.returncode == 0 and "speed imported: True" in fit.stdout, fit.stderr[-2000:]
+    for args in (["sample", "-n", "2"], ["download", "--path", "data/names.txt"], ["validate", "--ckpt_path", "last"]):
+        proc = _python(["-c", SPEED_IMPORTED, *args], project, REPO)
+        assert proc.returncode == 0 and "speed imported: False" in proc.stdout, (args, proc.stderr[-2000:])
+
+
+# ------------------------------------------------------------------------------------ the plain path's levers
+
+
+def test_training_step_neither_waits_for_the_device_nor_logs_between_logger_writes(monkeypatch):
+    """train/loss: the mean of the interval's losses, logged once, where the logger writes; no loss.item()."""
+    from types import SimpleNamespace
+
+    module = MakemoreModule(net=MLPConfig(n_hidden=8, n_layers=1))
+    trainer = SimpleNamespace(log_every_n_steps=4, global_step=0, should_stop=False, fast_dev_run=False)
+    monkeypatch.setattr(MakemoreModule, "trainer", property(lambda self: trainer))
+    monkeypatch.setattr(MakemoreModule, "global_step", property(lambda self: trainer.global_step))
+    logged = []
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.append((trainer.global_step, name, value)))
+
+    def no_sync(self):
+        raise AssertionError("a host sync in training_step")
+
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(10):
+        batch = torch.randint(0, 27, (16, 3), generator=g), torch.randint(0, 27, (16,), generator=g)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", no_sync)
+            losses.append(module.training_step(batch, step).detach())
+        trainer.global_step = step + 1  # the optimizer stepped
+        module.on_train_batch_end({"loss": losses[-1]}, batch, step)
+    assert [(s, n) for s, n, _ in logged] == [(4, "train/loss"), (8, "train/loss")]
+    for (_, _, value), first in zip(logged, (0, 4)):
+        total = losses[first]
+        for loss in losses[first + 1 : first + 4]:
+            total = total + loss
+        assert torch.equal(value, total / 4)

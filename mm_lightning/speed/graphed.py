@@ -1,14 +1,16 @@
-"""One CUDA graph per optimizer step of the template's own training step, for the GPU (used by fastpath.py).
+"""One CUDA graph per optimizer step of a graphable training step, for the GPU (used by the lean loop, lean.py).
 
 A step of this model is ~60 tiny kernels; on a GPU their launches and the Python around them, not the arithmetic,
 set the speed (eager: ~300 steps/s on an H100). Captured once as a CUDA graph, the whole step (forward, loss,
 gradients, SGD update, loss into a slot) is one replay.
 
-What it must preserve, step for step, is MakemoreModule.training_step followed by plain SGD's `optimizer.step()`:
-- the loss `cross_entropy(net(x), y)`, and BatchNorm's running statistics updated by that forward;
+A module declares that its training_step is this step (see `why_not_graphable`): the loss
+`cross_entropy(self.net(x), y)`, handed to `self.track_train_loss(loss)` and returned. What a graph must preserve,
+step for step, is that training_step followed by plain SGD's `optimizer.step()`:
+- the loss, and BatchNorm's running statistics updated by that forward;
 - the update `p -= lr * grad`, torch's own foreach kernel (what SGD with momentum 0 runs on CUDA);
-- the non-finite stop: the update is masked out when the loss is not finite, so the parameters that produced it
-  are still there when the caller re-runs the step eagerly to report it (as training_step does).
+- what a non-finite loss leaves behind: the update is masked out when the loss is not finite, so the parameters
+  that produced it are still there when the non-finite stop (StopOnNonFiniteLoss) reports it.
 Everything the graph touches lives at fixed addresses: the parameters and buffers (which eager steps also update
 in place, so eager and graphed steps interleave freely: the diagnostics' sampled steps run eagerly) and this
 object's input and loss slots. A new learning rate (an LR milestone) is captured anew.
@@ -21,9 +23,24 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from mm_lightning import compat
+from mm_lightning.speed import private
 
 MAX_CAPTURES = 4  # a learning rate that changes more often than this (OneCycleLR, say) is not worth a graph
+
+
+def why_not_graphable(module: nn.Module) -> str | None:
+    """Why a graph may not replace the module's training_step (None when it may). A module declares it with the
+    class attribute `graphable_training_step = training_step` (the very function), and has `net` and
+    `track_train_loss`; a subclass that overrides training_step without declaring its own is run as written."""
+    cls = type(module)
+    declared = getattr(cls, "graphable_training_step", None)
+    if declared is None:
+        return f"{cls.__name__} declares no graphable_training_step"
+    if declared is not getattr(cls, "training_step", None):
+        return f"{cls.__name__}.training_step is not the one it declares graphable (a graph would not run its code)"
+    if not isinstance(getattr(module, "net", None), nn.Module) or not callable(getattr(module, "track_train_loss", 0)):
+        return f"{cls.__name__} declares a graphable training_step but has no net or track_train_loss"
+    return None
 
 
 def can_graph(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> str | None:
@@ -91,7 +108,7 @@ class GraphedSGDStep:
         with torch.no_grad():
             finite = torch.isfinite(loss)
             grads = [torch.where(finite, g, torch.zeros_like(g)) for g in grads]  # no update from a NaN/Inf loss
-            compat.foreach_add_(self.params, grads, alpha=-lr)  # what SGD(momentum=0).step() runs on CUDA
+            private.foreach_add_(self.params, grads, alpha=-lr)  # what SGD(momentum=0).step() runs on CUDA
             self.loss.copy_(loss.detach())
 
     def _capture(self, lr: float) -> None:
@@ -106,7 +123,7 @@ class GraphedSGDStep:
         finally:
             torch.cuda.current_stream().wait_stream(side)
             with torch.no_grad():  # the warm-up trained: put everything back
-                compat.foreach_copy_(self.state, before)
+                private.foreach_copy_(self.state, before)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records, runs nothing
             self.step(lr)

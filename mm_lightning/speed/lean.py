@@ -1,27 +1,11 @@
-"""The fast path: the same module, the same Trainer, the same results, less time around each optimizer step.
-
-Lightning's own loop costs ~1 ms around every optimizer step on a CPU (hook dispatch through profiler scopes, the
-optimizer closure, ~0.4 ms per `self.log` call), and a step of the lecture's model costs ~1.5 ms: plain Lightning
-runs it at ~0.45x the lecture's own loop. `FastPath`, a callback the CLI adds (add it to your own Trainer too),
-decides once at fit start and says so in one line:
-
-- the lean loop, when the run uses nothing it cannot honour exactly: Lightning's own training epoch loop object,
-  with `advance` (one batch, one optimizer step) replaced by one that makes the same calls in the same order with
-  the same counters, but calls a hook only where a callback or the module overrides it, skips profiler scopes,
-  sets `.grad` to None itself (what `zero_grad()` does) and makes `self.log` in `training_step` cheap
-  (compat.LeanLog). Otherwise Lightning's own `advance` runs, and the line says why.
-- CPU threads, on both paths: one thread when each op of a step is too small to split across cores.
-
-What the lean loop must preserve, and tests/test_fastpath.py checks against the plain loop, bitwise on the CPU:
-parameters, BatchNorm buffers, every logged metric (a user's `self.log` too), callback hooks and what they see,
-diagnostics, checkpoints (a checkpoint of one path resumes exactly on the other).
+"""The lean loop: Lightning's own training epoch loop object with a leaner `advance` (see __init__.py). Imported
+only at fit start, once the gate (gate.py) has found the installed Lightning to be one it was verified against.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections import OrderedDict
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -29,16 +13,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_info
 
-from mm_lightning import compat
-from mm_lightning.compat import ClosureResult, call_module_hook
-from mm_lightning.graphed import GraphedSGDStep, can_graph
-from mm_lightning.module import MakemoreModule
-
-# Below this many multiply-adds in the widest Linear of a step, one CPU thread beats several (each op is too small
-# to split): measured 1.27x faster at batch 32 x width 100; two threads win from about batch 2048 x width 100.
-SINGLE_THREAD_WORK = 2_500_000
+from mm_lightning.speed import private
+from mm_lightning.speed.graphed import GraphedSGDStep, can_graph, why_not_graphable
+from mm_lightning.speed.private import ClosureResult, call_module_hook
 
 # hooks inside one optimizer step, and where Lightning declares their no-op defaults
 STEP_HOOKS = ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
@@ -66,16 +44,16 @@ def why_plain(trainer: L.Trainer, module: L.LightningModule) -> str | None:
         return "a profiler is attached (it times Lightning's own hooks)"
     if overrides(module, "on_train_batch_start", L.LightningModule):
         return "the module overrides on_train_batch_start (it may end the epoch early)"
-    if type(trainer.fit_loop.epoch_loop) is not compat.TrainingEpochLoop:
+    if type(trainer.fit_loop.epoch_loop) is not private.TrainingEpochLoop:
         return f"a custom training loop ({type(trainer.fit_loop.epoch_loop).__name__})"
     if "dataloader_iter" in trainer.fit_loop.epoch_loop._build_kwargs(OrderedDict(), None, 0):
         return "training_step takes dataloader_iter"
     return None
 
 
-class LeanEpochLoop(compat.TrainingEpochLoop):
+class LeanEpochLoop(private.TrainingEpochLoop):
     """Lightning's training epoch loop with a leaner `advance` (see the module docstring). It adds no state: the
-    FastPath callback turns the trainer's own loop object into one (compat.set_epoch_loop_class) and back."""
+    FastPath callback turns the trainer's own loop object into one (private.set_epoch_loop_class) and back."""
 
     def prepare(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """What each step would otherwise look up again: who overrides which hook, which shortcuts are exact."""
@@ -111,14 +89,15 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
         self.lean_graph: GraphedSGDStep | None = None
 
     def graph_steps(self, trainer: L.Trainer, module: L.LightningModule) -> str | None:
-        """Run unobserved steps as CUDA graph replays (graphed.py) where that is exactly the template's step;
+        """Run unobserved steps as CUDA graph replays (graphed.py) where the module declares its step graphable;
         returns why not (None when they will)."""
         if trainer.strategy.root_device.type != "cuda":
             return "not on a CUDA device"
         if type(trainer.strategy) is not SingleDeviceStrategy:
             return f"strategy {type(trainer.strategy).__name__}"
-        if type(module).training_step is not MakemoreModule.training_step:
-            return "training_step is not MakemoreModule's own (a graph would not run its code)"
+        why = why_not_graphable(module)
+        if why is not None:
+            return why
         hooked = [h for h in STEP_HOOKS if self.lean_callbacks[h] or self.lean_module_hooks[h]]
         hooked += [h for h in ("optimizer_step", "optimizer_zero_grad", "backward") if self.lean_module_hooks[h]]
         if hooked or self.lean_plain_step or self.lean_plain_backward:
@@ -133,15 +112,21 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
     def _callbacks(self, name: str, *args) -> None:
         if self.lean_callbacks[name]:
             trainer, module = self.trainer, self.lean_module
-            previous = compat.set_current_fx(module, name)
+            previous = private.set_current_fx(module, name)
             for callback in self.lean_callbacks[name]:
                 callback_fn = getattr(callback, name)
                 callback_fn(trainer, module, *args)
-            compat.set_current_fx(module, previous)
+            private.set_current_fx(module, previous)
 
     def _module_hook(self, name: str, *args):
+        """_call_lightning_module_hook: the hook name set for self.log around the call, minus the profiler scope
+        (the lean loop runs only with the pass-through profiler) and its debug line."""
         if self.lean_module_hooks[name]:
-            return call_module_hook(self.trainer, name, *args)
+            module = self.lean_module
+            previous = private.set_current_fx(module, name)
+            output = getattr(module, name)(*args)
+            private.set_current_fx(module, previous)
+            return output
         return None
 
     # ------------------------------------------------------------------------------------------- one batch
@@ -161,7 +146,7 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
             batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
         self.batch_progress.increment_ready()
-        connector = compat.logger_connector(trainer)
+        connector = private.logger_connector(trainer)
         connector.on_batch_start(batch)
         batch_output = None
         if batch is None:  # as Lightning's loop: no step, a warning
@@ -178,10 +163,10 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
             self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
         self._callbacks("on_train_batch_end", batch_output, batch, batch_idx)
         self._module_hook("on_train_batch_end", batch_output, batch, batch_idx)
-        # the metric caches are seen as they are only once the fit loop hands over (see compat.end_batch)
-        compat.end_batch(trainer, refresh=self._is_training_done or compat.validation_may_run(self))
+        # the metric caches are seen as they are only once the fit loop hands over (see private.end_batch)
+        private.end_batch(trainer, refresh=self._is_training_done or private.validation_may_run(self))
         self.batch_progress.increment_completed()
-        if compat.logs_this_step(trainer):
+        if private.logs_this_step(trainer):
             connector.update_train_step_metrics()
 
     def _optimizer_step(self, batch, batch_idx: int) -> dict:
@@ -192,18 +177,18 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
         optimizer = trainer.optimizers[0]
         args = (batch, batch_idx) if self.lean_takes_batch_idx else (batch,)
         graph = self.lean_graph
-        if graph is not None and not compat.step_is_observed(optimizer, self.lean_modules):
+        if graph is not None and not private.step_is_observed(optimizer, self.lean_modules):
             if graph.ready(*batch, optimizer.param_groups[0]["lr"]):
                 return self._graphed_step(graph, args)
         results: list[ClosureResult] = []
 
         def closure():
-            previous = compat.set_current_fx(module, "training_step")
+            previous = private.set_current_fx(module, "training_step")
             if isinstance(trainer.strategy, DDPStrategy):
                 output = trainer.strategy.training_step(*args)  # DDP's forward wraps it: gradients all-reduce
             else:
                 output = module.training_step(*args)
-            compat.set_current_fx(module, previous)
+            private.set_current_fx(module, previous)
             trainer.strategy.post_training_step()
             if output is None and trainer.world_size > 1:  # Lightning's own words
                 raise RuntimeError(
@@ -227,31 +212,31 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
             progress.zero_grad.increment_completed()
             if result.closure_loss is not None:
                 if self.lean_plain_backward:
-                    previous = compat.set_current_fx(module, "backward")
+                    previous = private.set_current_fx(module, "backward")
                     trainer.strategy.backward(result.closure_loss, optimizer)
-                    compat.set_current_fx(module, previous)
+                    private.set_current_fx(module, previous)
                 else:
                     module.backward(result.closure_loss)
             return result.loss
 
         progress.step.increment_ready()
         if self.lean_module_hooks["optimizer_step"]:
-            lightning_optimizer = compat.lightning_optimizer(trainer)
+            lightning_optimizer = private.lightning_optimizer(trainer)
             call_module_hook(trainer, "optimizer_step", trainer.current_epoch, batch_idx, lightning_optimizer, closure)
         else:
-            previous = compat.set_current_fx(module, "optimizer_step")
+            previous = private.set_current_fx(module, "optimizer_step")
             if self.lean_plain_step:
                 trainer.strategy.optimizer_step(optimizer, closure)  # hooks and clipping after the closure
             else:
                 optimizer.step(closure)
-            compat.set_current_fx(module, previous)
+            private.set_current_fx(module, previous)
         progress.step.increment_completed()
         result = results[-1] if results else None
         return {} if result is None or result.loss is None else result.asdict()
 
     def _graphed_step(self, graph: GraphedSGDStep, args: tuple) -> dict:
-        """MakemoreModule.training_step + SGD as one CUDA graph replay, with the counters, the logging and the
-        non-finite stop of the eager path (see graphed.py)."""
+        """The module's graphable training_step + SGD as one CUDA graph replay, with the counters of the eager path
+        and the loss handed to the module's track_train_loss, as its training_step does (see graphed.py)."""
         module = self.lean_module
         progress = self.automatic_optimization.optim_progress.optimizer
         progress.step.increment_ready()
@@ -259,12 +244,10 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
             p.grad = None
         for counter in ("ready", "started", "completed"):
             getattr(progress.zero_grad, f"increment_{counter}")()
-        loss = graph.replay()
-        previous = compat.set_current_fx(module, "training_step")
-        if not math.isfinite(loss.item()):  # the graph did not update: the eager step reports it and stops
-            module.training_step(*args)
-        module.log("train/loss", loss, prog_bar=True)  # what training_step logs (LeanLog copies the value)
-        compat.set_current_fx(module, previous)
+        loss = graph.replay()  # a non-finite loss updated nothing: StopOnNonFiniteLoss sees it at batch end
+        previous = private.set_current_fx(module, "training_step")
+        module.track_train_loss(loss)  # what the declared training_step does with its loss
+        private.set_current_fx(module, previous)
         progress.step.increment_completed()
         return ClosureResult.from_training_step_output(loss, 1).asdict()
 
@@ -282,93 +265,25 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
             self.scheduler_progress.increment_completed()
 
 
-class FastPath(Callback):
-    """Chooses the training path at fit start (see the module docstring) and says which, in one line."""
+def install(trainer: L.Trainer, module: L.LightningModule, cuda_graph: bool) -> tuple[Callable[[], None], str]:
+    """Make the trainer's epoch loop the lean loop and the module's `self.log` LeanLog; returns what undoes both,
+    and the words the fast path's line adds (CUDA graphs or why not). Undone at once if any of it fails."""
+    loop = trainer.fit_loop.epoch_loop
+    original = type(loop)
+    private.set_epoch_loop_class(trainer, LeanEpochLoop)
+    lean_log = private.LeanLog(module)
 
-    def __init__(self, lean_loop: bool = True, cpu_threads: int | None = None, cuda_graph: bool = True):
-        """
-        Args:
-            lean_loop: run the lean loop whenever it can honour the run exactly (speed only: results are bitwise
-                the same); False always runs Lightning's own loop.
-            cuda_graph: in the lean loop on one CUDA device, run each unobserved step of the template's own
-                training_step with plain SGD as one CUDA graph replay (graphed.py; the same updates, to float
-                rounding); False runs every step eagerly.
-            cpu_threads: CPU threads for training steps; None picks one thread when each step's ops are too small
-                to split (under 2.5M multiply-adds in the widest layer), unless OMP_NUM_THREADS is set.
-        """
-        if cpu_threads is not None and cpu_threads < 1:
-            from mm_lightning.errors import UsageError
+    def restore() -> None:
+        private.set_epoch_loop_class(trainer, original)
+        lean_log.remove()
 
-            raise UsageError(f"--fast_path.cpu_threads must be at least 1 (or null for automatic), got {cpu_threads}")
-        self.lean_loop, self.cpu_threads, self.cuda_graph = lean_loop, cpu_threads, cuda_graph
-        self._installed: tuple[type, compat.LeanLog] | None = None
-        self._threads: tuple[int, int] | None = None  # (threads for training, threads to restore)
-        self._threads_decided = False
-        self.path: str | None = None  # "lean" or "plain", for tests and the benchmark
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        why = why_plain(trainer, pl_module) if self.lean_loop else "lean_loop=False (--fast_path.lean_loop false)"
-        if why is None:
-            loop = trainer.fit_loop.epoch_loop
-            original = type(loop)
-            compat.set_epoch_loop_class(trainer, LeanEpochLoop)
-            loop.prepare(trainer, pl_module)
-            lean_log = compat.LeanLog(pl_module)
-            lean_log.install()
-            self._installed = (original, lean_log)
-            self.path = "lean"
-            graphs = loop.graph_steps(trainer, pl_module) if self.cuda_graph else "cuda_graph=False"
-            on_gpu = trainer.strategy.root_device.type == "cuda"
-            extra = "" if not on_gpu else ", CUDA graph steps" if graphs is None else f", eager steps: {graphs}"
-            rank_zero_info(f"training path: fast (lean loop: Lightning's loop minus per-step overhead{extra})")
-        else:
-            self.path = "plain"
-            rank_zero_info(f"training path: plain Lightning loop, because {why}")
-        self._threads_decided = False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self._threads_decided:  # the first batch tells the batch size: both paths decide alike
-            self._threads_decided = True
-            self._choose_threads(trainer, pl_module, batch)
-
-    def _choose_threads(self, trainer: L.Trainer, module: L.LightningModule, batch) -> None:
-        if trainer.strategy.root_device.type != "cpu":
-            return
-        threads = self.cpu_threads
-        if threads is None:
-            if "OMP_NUM_THREADS" in os.environ:
-                return
-            first = batch[0] if isinstance(batch, (tuple, list)) and batch else None
-            rows = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 0
-            linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-            widest = max((m.in_features * m.out_features for m in linears), default=0)
-            if not rows or rows * widest >= SINGLE_THREAD_WORK:
-                return
-            threads = 1
-        if threads != torch.get_num_threads():
-            self._threads = (threads, torch.get_num_threads())
-            torch.set_num_threads(threads)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if self._threads is not None:  # evaluating a whole split is large matmuls: all threads
-            torch.set_num_threads(self._threads[1])
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self._threads is not None:  # back to training (on_fit_end restores them for good)
-            torch.set_num_threads(self._threads[0])
-
-    def _restore(self, trainer: L.Trainer) -> None:
-        if self._installed is not None:
-            original, lean_log = self._installed
-            compat.set_epoch_loop_class(trainer, original)
-            lean_log.remove()
-            self._installed = None
-        if self._threads is not None:
-            torch.set_num_threads(self._threads[1])
-            self._threads = None
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._restore(trainer)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore(trainer)
+    try:
+        loop.prepare(trainer, module)
+        lean_log.install()
+        graphs = loop.graph_steps(trainer, module) if cuda_graph else "cuda_graph=False"
+    except BaseException:
+        restore()
+        raise
+    on_gpu = trainer.strategy.root_device.type == "cuda"
+    extra = "" if not on_gpu else ", CUDA graph steps" if graphs is None else f", eager steps: {graphs}"
+    return restore, extra
