@@ -253,3 +253,18 @@ def step_is_observed(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Mo
     if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
         return True
     return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks for x in modules)
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+
+
+def modules_are_hooked(modules: list[torch.nn.Module]) -> bool:
+    """Whether a forward or backward hook watches any of these modules (or all modules): a compiled network must
+    then run eagerly (MakemoreModule.training_forward). torch keeps the hooks in private dicts, as above."""
+    from torch.nn.modules import module as m
+
+    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
+        return True
+    if m._global_backward_pre_hooks:
+        return True
+    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks for x in modules)

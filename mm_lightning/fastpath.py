@@ -119,6 +119,8 @@ class LeanEpochLoop(compat.TrainingEpochLoop):
             return f"strategy {type(trainer.strategy).__name__}"
         if type(module).training_step is not MakemoreModule.training_step:
             return "training_step is not MakemoreModule's own (a graph would not run its code)"
+        if getattr(module, "compiled_net", None) is not None:
+            return "the network is compiled (--model.compile): torch.compile runs each step"
         hooked = [h for h in STEP_HOOKS if self.lean_callbacks[h] or self.lean_module_hooks[h]]
         hooked += [h for h in ("optimizer_step", "optimizer_zero_grad", "backward") if self.lean_module_hooks[h]]
         if hooked or self.lean_plain_step or self.lean_plain_backward:

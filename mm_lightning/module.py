@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from mm_lightning import compat
 from mm_lightning.diagnostics.stats import first_nonfinite_module
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig, generate
@@ -24,6 +26,7 @@ from mm_lightning.model import MLP, MLPConfig, generate
 LR_TAG = "train/lr"  # the learning rate's tag, for every scheduler (see configure_optimizers)
 # what a run that produced a NaN/Inf can do about it; its checkpoints are never touched by the stop
 NON_FINITE_ADVICE = "lower the learning rate or check the init; checkpoints written so far are intact"
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,6 +42,8 @@ class MakemoreModule(L.LightningModule):
         lr: float = 0.1,
         milestones: list[int] = [150_000],
         lr_decay: float = 0.1,
+        compile: bool = False,
+        compile_mode: CompileMode = "default",
     ):
         """
         Args:
@@ -46,6 +51,10 @@ class MakemoreModule(L.LightningModule):
             lr: SGD learning rate before the first milestone (the default optimizer; --optimizer replaces it).
             milestones: optimizer steps at which the learning rate is multiplied by lr_decay.
             lr_decay: factor applied at each milestone (0.1 -> 0.01 as in the lecture).
+            compile: run training steps through torch.compile(net) (speed only: the same updates to float rounding;
+                checkpoints are the same, so a run resumes with or without it). Steps a hook watches (the
+                diagnostics' sampled ones) and evaluation run the network eagerly. See docs/compile.md.
+            compile_mode: torch.compile's mode, with compile.
         """
         super().__init__()
         if not lr > 0:
@@ -54,9 +63,18 @@ class MakemoreModule(L.LightningModule):
             raise UsageError(f"--model.milestones must be positive and strictly increasing, got {list(milestones)}")
         if not 0 < lr_decay <= 1:
             raise UsageError(f"--model.lr_decay must be in (0, 1], got {lr_decay}")
-        # plain values only, so checkpoints load with torch.load(weights_only=True)
+        if compile_mode not in CompileMode.__args__:
+            modes = ", ".join(CompileMode.__args__)
+            raise UsageError(f"--model.compile_mode must be one of {modes}; got {compile_mode!r}")
+        # plain values only, so checkpoints load with torch.load(weights_only=True); compile is not among them: it
+        # changes no result, so a run may resume with or without it
         self.save_hyperparameters({"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay})
         self.net = MLP(net)
+        self.compile_mode = compile_mode if compile else None
+        # kept out of nn.Module's registry (__dict__, not setattr): the compiled wrapper's parameters are self.net's,
+        # and registered it would add a second set of names (_orig_mod.*) to every state dict and checkpoint
+        self.__dict__["compiled_net"] = torch.compile(self.net, mode=compile_mode) if compile else None
+        self._net_modules: list[torch.nn.Module] = []  # self.net's modules, found at the first training step
         self.num_classes = net.vocab_size  # diagnostics compare the loss at step 0 with ln(num_classes)
         # float64 sums: loss x examples must not overflow (or round) on a whole split
         self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
@@ -69,6 +87,18 @@ class MakemoreModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
 
+    def training_forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """The network in a training step: compiled (--model.compile) unless a hook watches one of its modules, as
+        the diagnostics do on their sampled steps. Those run eagerly: inside a compiled graph a hook is traced
+        (a graph break, and a recompile each time hooks come and go); eagerly the compiled graph stays the one
+        graph every other step runs, and the hooks see the eager network's tensors."""
+        compiled = self.compiled_net
+        if compiled is None:
+            return self.net(idx)
+        if not self._net_modules:
+            self._net_modules = list(self.net.modules())  # after any strategy has swapped modules (sync_batchnorm)
+        return self.net(idx) if compat.modules_are_hooked(self._net_modules) else compiled(idx)
+
     def configure_optimizers(self):
         """The lecture's SGD, its learning rate multiplied by lr_decay at each milestone (counted in steps)."""
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
@@ -80,7 +110,7 @@ class MakemoreModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.training_forward(x), y)
         if not math.isfinite(loss.item()):  # before the update, while the parameters that produced it still exist
             self._stop_non_finite(loss.item(), x)
         self.log("train/loss", loss, prog_bar=True)
