@@ -5,7 +5,10 @@ hooks) and measure what the eager run measures, to float rounding."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -19,7 +22,7 @@ from mm_lightning.errors import UsageError
 from mm_lightning.fastpath import FastPath
 from mm_lightning.model import MLPConfig
 from mm_lightning.module import MakemoreModule
-from tests.conftest import SMALL, run_cli
+from tests.conftest import ROOT, SMALL, run_cli
 
 NET = MLPConfig(n_hidden=16, n_layers=2)
 
@@ -164,8 +167,26 @@ def test_a_compiled_run_resumes_uncompiled_and_the_reverse_and_evaluates(project
     for name, tensor in a["state_dict"].items():
         assert torch.allclose(tensor.float(), b["state_dict"][name].float(), rtol=1e-4, atol=1e-5), name
     last = str(runs / "version_1" / "checkpoints" / "last.ckpt")  # its config.yaml says compile: true
-    for command in ("validate", "test"):
-        out = run_cli([command, "--ckpt_path", last], project).stdout
-        assert f"{command[:4]}/loss" in out
+    for command, metric in (("validate", "val/loss"), ("test", "test/loss")):
+        assert metric in run_cli([command, "--ckpt_path", last], project).stdout
     names = run_cli(["sample", "--ckpt_path", last, "-n", "5"], project).stdout.split()
     assert len(names) == 5
+
+
+@pytest.mark.slow
+def test_bench_has_the_compiled_lecture_loop_and_fit_compiled_with_their_compile_apart(tmp_path, names_file):
+    out = tmp_path / "bench.json"
+    args = ["--steps", "30", "--repeats", "1", "--sizes", "small", "--device", "cpu", "--data_path", str(names_file)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mm_lightning.bench", *args, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["what"]: r for r in json.loads(out.read_text())}
+    for what in ("lecture loop, compiled, 1 thread", "fit, compiled"):
+        assert rows[what]["steps_per_s"] > 0 and rows[what]["one_off_s"] > 0, what  # the compile, apart
+        assert f"| {what} |" in proc.stdout
+    assert "one_off_s" not in rows["lecture loop, 1 thread"]
