@@ -16,6 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from mm_lightning import compat
@@ -87,6 +88,14 @@ class MakemoreModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
 
+    def on_fit_start(self) -> None:
+        if self.compiled_net is not None:
+            rank_zero_info(
+                f"torch.compile (mode {self.compile_mode}): training steps run the compiled network, compiled at the "
+                "first step; steps a hook watches (the diagnostics' sampled ones) and evaluation run it eagerly"
+            )
+        self._net_modules = []  # found again at the first step: a strategy may have swapped modules since
+
     def training_forward(self, idx: torch.Tensor) -> torch.Tensor:
         """The network in a training step: compiled (--model.compile) unless a hook watches one of its modules, as
         the diagnostics do on their sampled steps. Those run eagerly: inside a compiled graph a hook is traced
@@ -96,7 +105,7 @@ class MakemoreModule(L.LightningModule):
         if compiled is None:
             return self.net(idx)
         if not self._net_modules:
-            self._net_modules = list(self.net.modules())  # after any strategy has swapped modules (sync_batchnorm)
+            self._net_modules = list(self.net.modules())
         return self.net(idx) if compat.modules_are_hooked(self._net_modules) else compiled(idx)
 
     def configure_optimizers(self):

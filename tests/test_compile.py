@@ -156,10 +156,16 @@ def test_a_compiled_run_resumes_uncompiled_and_the_reverse_and_evaluates(project
     args = ["--trainer.max_steps", "20", "--data.steps_per_epoch", "20", "--trainer.limit_val_batches", "2", *SMALL]
     args += ["--diagnostics.every_n_steps", "10", "--diagnostics.figures_every_n_steps", "0"]
     more = ["--trainer.max_steps", "40"]
-    run_cli(["fit", *args, "--model.compile", "true"], project)  # version_0
-    run_cli(["fit", *args, "--ckpt_path", "last", "--model.compile", "false", *more], project)
-    run_cli(["fit", *args], project)  # version_1
-    run_cli(["fit", *args, "--model.compile", "true", "--ckpt_path", "last", *more], project)
+    said = "torch.compile (mode default): training steps run the compiled network"
+    fits = [
+        (["--model.compile", "true"], True),  # version_0
+        (["--ckpt_path", "last", "--model.compile", "false", *more], False),
+        ([], False),  # version_1
+        (["--model.compile", "true", "--ckpt_path", "last", *more], True),
+    ]
+    for extra, compiled in fits:
+        proc = run_cli(["fit", *args, *extra], project)
+        assert (said in proc.stdout + proc.stderr) == compiled, extra
     runs = project / "lightning_logs"
     a, b = (torch.load(runs / f"version_{v}" / "checkpoints" / "last.ckpt", weights_only=True) for v in (0, 1))
     assert a["global_step"] == b["global_step"] == 40
