@@ -44,6 +44,9 @@ MIRRORED = {
     "_LoggerConnector.should_update_logs": (_LoggerConnector.should_update_logs.fget, "a60ba9e9cd0c62d9"),
     "Precision._wrap_closure": (Precision._wrap_closure, "2d25ccda9ac5fcdc"),
     "Strategy.backward": (Strategy.backward, "627cfe60660857e3"),
+    "Precision.pre_backward": (Precision.pre_backward, "f94c53cfe4fc28b2"),  # LeanEpochLoop._backward_with_hooks
+    "Precision.backward": (Precision.backward, "c45a6fcf5963eb17"),
+    "Precision.post_backward": (Precision.post_backward, "26b545c12fad4e75"),
     "Strategy.training_step": (Strategy.training_step, "e0755d72cd8b74f0"),
 }
 

@@ -13,6 +13,8 @@ import sys
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import Strategy
 from torch._dynamo.utils import counters
 
 from mm_lightning import compat
@@ -74,6 +76,42 @@ def test_a_hooked_network_runs_eagerly_and_an_unhooked_one_compiled():
         handle.remove()
     module.training_forward(x)
     assert spy.calls == 2
+
+
+class _BackwardRecorder(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.seen.append(("before", trainer.global_step, pl_module._current_fx_name))
+
+    def on_after_backward(self, trainer, pl_module):
+        grads = all(p.grad is not None for p in pl_module.parameters())
+        self.seen.append(("after", trainer.global_step, pl_module._current_fx_name, grads))
+
+
+def test_the_lean_loop_calls_the_backward_hooks_itself(names_file, tmp_path, monkeypatch):
+    """The speed of the default fit: the diagnostics override on_before_backward, which used to send every step
+    through Lightning's Strategy.backward (two passes over every callback, in profiler scopes: ~0.1 ms of the
+    0.2 ms by which fit trailed the lecture loop). The lean loop calls the same hooks, in the same order, itself."""
+    through_lightning = []
+    original = Strategy.backward
+    monkeypatch.setattr(Strategy, "backward", lambda *a, **k: through_lightning.append(1) or original(*a, **k))
+    fast, recorder = FastPath(cpu_threads=1), _BackwardRecorder()
+    trainer = L.Trainer(
+        max_steps=3,
+        default_root_dir=tmp_path,
+        callbacks=[fast, TrainingDiagnostics(every_n_steps=2, figures_every_n_steps=0, verbose=False), recorder],
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(MakemoreModule(net=NET), NamesDataModule(path=str(names_file), steps_per_epoch=3))
+    assert fast.path == "lean" and through_lightning == []
+    expected = [[("before", s, "on_before_backward"), ("after", s, "on_after_backward", True)] for s in range(3)]
+    assert recorder.seen == [event for step in expected for event in step]
 
 
 # ------------------------------------------------------------------------------------------------------ slow
