@@ -3,8 +3,8 @@
 One minibatch per `training_step`, automatic optimization, `configure_optimizers` returning an optimizer and a
 step-interval scheduler, metrics through `self.log`. Every Lightning feature (callbacks, loggers, precision,
 gradient clipping, accumulation, `--optimizer` / `--lr_scheduler` from the CLI) works on it as on any Lightning
-project. Nothing here is about speed: that lives in fastpath.py, which runs this same module faster when it can
-do so exactly, and steps aside when it cannot.
+project. Nothing here is about speed but the optional `compile` (torch.compile, docs/compile.md): the rest lives in
+fastpath.py, which runs this same module faster when it can do so exactly, and steps aside when it cannot.
 """
 
 from __future__ import annotations
