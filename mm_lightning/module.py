@@ -67,6 +67,11 @@ class MakemoreModule(L.LightningModule):
         if compile_mode not in CompileMode.__args__:
             modes = ", ".join(CompileMode.__args__)
             raise UsageError(f"--model.compile_mode must be one of {modes}; got {compile_mode!r}")
+        if compile_mode != "default" and not compile:
+            raise UsageError(
+                f"--model.compile_mode {compile_mode} has no effect without --model.compile true: add that, or set "
+                "--model.compile_mode default"
+            )
         # plain values only, so checkpoints load with torch.load(weights_only=True); compile is not among them: it
         # changes no result, so a run may resume with or without it
         self.save_hyperparameters({"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay})
