@@ -4,7 +4,7 @@ back, in an order that alternates between repeats (so that no variant always run
 ratios are taken within a repeat (variants that ran minutes apart are never compared), and the median of the
 per-repeat ratios is reported, with the median steps/s.
 
-Run: python -m mm_lightning.bench [--steps 10000] [--repeats 5] [--device cpu|cuda] [--sizes small,wide]
+Run: python -m mm_lightning.bench [--steps 10000] [--repeats 5] [--device cpu|cuda] [--sizes small,wide] [--no_compile]
      python -m mm_lightning.bench --blocks 4 --steps 20000   # the diagnostics' cost inside runs, free of drift
      python -m mm_lightning.bench --short_run 300 --repeats 5  # the default callback on a short demo fit
      python -m mm_lightning.bench --fold --repeats 5            # E02: eval with BatchNorm folded vs not
@@ -13,6 +13,8 @@ Rows:
 - lecture loop: makemore part 3's loop (torch.randint minibatch, forward, p.grad = None, backward,
   p.data += -lr * p.grad), PyTorch's default thread count;
 - lecture loop, 1 thread: the same loop with the one-thread setting fit picks for small models (for honesty);
+- lecture loop, compiled, 1 thread: the same loop with the network run through torch.compile (forward and
+  backward compiled; the first step's compile is its "one-off s"), the peer of fit --model.compile;
 - one CUDA graph per step (GPU only): the lecture's whole step (minibatch draw, forward, backward, SGD)
   captured once and replayed, no Python per step: a floor that fit's GPU path is measured against;
 - fit: `python -m mm_lightning.cli fit` with its defaults (progress bar, diagnostics every 100 steps,
@@ -21,6 +23,8 @@ Rows:
   and figures) is the "one-off s" column: over a 200000-step run it is spread over 20x more steps than here;
 - fit, no diagnostics: the same with --diagnostics.every_n_steps 0 (so the diagnostics' cost is the ratio);
 - fit, plain Lightning loop: fit with --fast_path.lean_loop false (what the fast path buys);
+- fit, compiled: fit with --model.compile true (its compile is inside "one-off s"; the diagnostics' sampled
+  steps run the network eagerly, see docs/compile.md);
 - fit, eager steps (GPU only): fit with --fast_path.cuda_graph false, every step launched op by op;
 - eval: one pass over the whole val split with BatchNorm in eval mode, in examples/s.
 """
@@ -50,6 +54,7 @@ SIZES = {  # name: (batch size, hidden width, steps for a measurement)
 
 
 PLAIN = ("--fast_path.lean_loop", "false")  # what the fast path buys: Lightning's own loop, the same results
+COMPILED = ("--model.compile", "true")  # torch.compile's default mode
 
 
 class Stopwatch(L.Callback):
@@ -138,8 +143,11 @@ def diagnostics_blocks(steps: int, repeats: int, data_path: str, extra: tuple = 
     return costs
 
 
-def lecture_loop(x, y, config: MLPConfig, batch_size: int, steps: int, device: str, threads: int | None) -> float:
-    """The lecture's loop on the lecture's model, as nn modules; returns steps/s."""
+def lecture_loop(
+    x, y, config: MLPConfig, batch_size: int, steps: int, device: str, threads: int | None, compiled: bool = False
+) -> float | tuple[float, float]:
+    """The lecture's loop on the lecture's model, as nn modules; returns steps/s (compiled: and the seconds its first
+    step took, the compile)."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -147,6 +155,9 @@ def lecture_loop(x, y, config: MLPConfig, batch_size: int, steps: int, device: s
         torch.manual_seed(42)
         net = MLP(config).to(device)
         params = list(net.parameters())
+        if compiled:
+            torch._dynamo.reset()  # a fresh compile each repeat, as a new process would do (and no recompile limit)
+        forward = torch.compile(net) if compiled else net
         x, y = x.to(device), y.to(device)
         g = torch.Generator(device=device).manual_seed(2147483647)
         warmup = 20
@@ -155,17 +166,24 @@ def lecture_loop(x, y, config: MLPConfig, batch_size: int, steps: int, device: s
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
+            if i == 0:
+                first = time.perf_counter()
             ix = torch.randint(0, x.shape[0], (batch_size,), generator=g, device=device)
-            loss = F.cross_entropy(net(x[ix]), y[ix])
+            loss = F.cross_entropy(forward(x[ix]), y[ix])
             for p in params:
                 p.grad = None
             loss.backward()
             lr = 0.1 if i < 150000 else 0.01
             for p in params:
                 p.data += -lr * p.grad
+            if i == 0:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                first = time.perf_counter() - first
         if device == "cuda":
             torch.cuda.synchronize()
-        return steps / (time.perf_counter() - start)
+        speed = steps / (time.perf_counter() - start)
+        return (speed, first - 1 / speed) if compiled else speed
     finally:
         torch.set_num_threads(previous)
 
@@ -214,6 +232,8 @@ def fit_path(
     args += ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1"]
     if not diagnostics:
         args += ["--diagnostics.every_n_steps", "0"]
+    if "--model.compile" in extra:
+        torch._dynamo.reset()  # a fresh compile each repeat, as a new process would do (and no recompile limit)
     watch = _fit_with("Stopwatch", args + list(extra))
     return watch.steps_per_s, watch.one_off
 
@@ -232,7 +252,7 @@ def eval_throughput(x, y, config: MLPConfig, device: str, repeats: int = 5) -> f
     return len(y) / statistics.median(times[1:])
 
 
-def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str) -> list[dict]:
+def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str, compiled: bool = True) -> list[dict]:
     from mm_lightning.cli import _quiet_noise
     from mm_lightning.diagnostics import tbwrite
 
@@ -252,9 +272,16 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str)
             "fit (defaults)": partial(fit_path, batch, hidden, n, device, data_path, True),
             "fit, no diagnostics": partial(fit_path, batch, hidden, n, device, data_path, False),
             "fit, plain Lightning loop": partial(fit_path, batch, hidden, n, device, data_path, True, PLAIN),
+            "lecture loop, compiled, 1 thread": partial(lecture_loop, xtr, ytr, config, batch, n, device, 1, True),
+            "fit, compiled": partial(fit_path, batch, hidden, n, device, data_path, True, COMPILED),
         }
+        if not compiled:
+            del runs["lecture loop, compiled, 1 thread"], runs["fit, compiled"]
         if device == "cuda":
             del runs["lecture loop, 1 thread"]
+            if compiled:
+                del runs["lecture loop, compiled, 1 thread"]
+                runs["lecture loop, compiled"] = partial(lecture_loop, xtr, ytr, config, batch, n, device, None, True)
             runs["one CUDA graph per step"] = partial(graph_floor, xtr, ytr, config, batch, n, device)
             eager = ("--fast_path.cuda_graph", "false")  # what the CUDA graph buys, within fit
             runs["fit, eager steps"] = partial(fit_path, batch, hidden, n, device, data_path, True, eager)
@@ -451,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="small,wide", help=f"comma-separated, of {', '.join(SIZES)}")
     p.add_argument("--data_path", default="data/names.txt")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile rows (their compiles)")
     p.add_argument(
         "--blocks",
         type=int,
@@ -501,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    rows = run(a.steps, a.repeats, a.device, sizes, a.data_path)
+    rows = run(a.steps, a.repeats, a.device, sizes, a.data_path, compiled=not a.no_compile)
     hardware = f"{a.device}: " + (
         torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} threads"
     )

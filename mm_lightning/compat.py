@@ -1,4 +1,5 @@
-"""The private Lightning names the project's core touches (run directories, resume), each guarded: where a Lightning
+"""The private Lightning names the project's core touches (run directories, resume), each guarded, and the private
+torch hook dicts a compiled network checks (modules_are_hooked): where a Lightning
 release lacks one, the feature built on it steps back to Lightning's own behaviour and one line says so. The speed
 add-on has its own, gated at fit start (mm_lightning/speed/private.py, gate.py); the portable diagnostics package
 touches none. tests/test_compat.py checks that each still exists in the installed Lightning.
@@ -6,6 +7,7 @@ touches none. tests/test_compat.py checks that each still exists in the installe
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -65,3 +67,20 @@ def realign_logging_step(trainer) -> None:
         return
     if trainer.lightning_module.automatic_optimization and len(trainer.optimizers) == 1:
         loop._batches_that_stepped = trainer.global_step
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+
+
+def modules_are_hooked(modules: list[torch.nn.Module]) -> bool:
+    """Whether a forward or backward hook watches any of these modules (or all modules): a compiled network must
+    then run eagerly (MakemoreModule.training_forward). torch keeps the hooks in private dicts and has no public way
+    to ask; a torch without them answers True (eager steps: slower, never wrong)."""
+    from torch.nn.modules import module as m
+
+    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    names = tuple(f"_global{n}" for n in own)
+    try:
+        return any(getattr(m, n) for n in names) or any(getattr(x, n) for x in modules for n in own)
+    except AttributeError:
+        return True

@@ -3,9 +3,10 @@
 One minibatch per `training_step`, automatic optimization, `configure_optimizers` returning an optimizer and a
 step-interval scheduler, metrics through `self.log`. Every Lightning feature (callbacks, loggers, precision,
 gradient clipping, accumulation, `--optimizer` / `--lr_scheduler` from the CLI) works on it as on any Lightning
-project. Nothing here is about speed: that lives in the speed add-on (mm_lightning/speed/), which runs this same
-module faster when it can do so exactly, and steps aside when it cannot. A NaN/Inf loss stops training through a
-callback the CLI adds (mm_lightning/nonfinite.py), so that nothing here waits for a GPU on every step.
+project. Nothing here is about speed but the optional `compile` (torch.compile, docs/compile.md): the rest lives in
+the speed add-on (mm_lightning/speed/), which runs this same module faster when it can do so exactly, and steps
+aside when it cannot. A NaN/Inf loss stops training through a callback the CLI adds (mm_lightning/nonfinite.py), so
+that nothing here waits for a GPU on every step.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from mm_lightning import compat
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig, generate
 from mm_lightning.notebook_sgd import NotebookSGD
@@ -25,6 +28,7 @@ from mm_lightning.notebook_sgd import NotebookSGD
 LR_TAG = "train/lr"  # the learning rate's tag, for every scheduler (see configure_optimizers)
 # what a run that produced a NaN/Inf can do about it; its checkpoints are never touched by the stop
 NON_FINITE_ADVICE = "lower the learning rate or check the init; checkpoints written so far are intact"
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,6 +74,8 @@ class MakemoreModule(L.LightningModule):
         milestones: list[int] = [150_000],
         lr_decay: float = 0.1,
         update: Literal["torch", "lecture"] = "torch",
+        compile: bool = False,
+        compile_mode: CompileMode = "default",
     ):
         """
         Args:
@@ -79,6 +85,10 @@ class MakemoreModule(L.LightningModule):
             lr_decay: factor applied at each milestone (0.1 -> 0.01 as in the lecture).
             update: 'torch' torch.optim.SGD (p.add_(grad, alpha=-lr), one rounding); 'lecture' the notebook's own
                 p.data += -lr * p.grad (two roundings: notebook_sgd.NotebookSGD), for the notebook-exact configs.
+            compile: run training steps through torch.compile(net) (speed only: the same updates to float rounding;
+                checkpoints are the same, so a run resumes with or without it). Steps a hook watches (the
+                diagnostics' sampled ones) and evaluation run the network eagerly. See docs/compile.md.
+            compile_mode: torch.compile's mode, with compile.
         """
         super().__init__()
         if not lr > 0:
@@ -89,10 +99,24 @@ class MakemoreModule(L.LightningModule):
             raise UsageError(f"--model.lr_decay must be in (0, 1], got {lr_decay}")
         if update not in ("torch", "lecture"):
             raise UsageError(f"--model.update must be torch or lecture, got {update!r}")
-        # plain values only, so checkpoints load with torch.load(weights_only=True)
+        if compile_mode not in CompileMode.__args__:
+            modes = ", ".join(CompileMode.__args__)
+            raise UsageError(f"--model.compile_mode must be one of {modes}; got {compile_mode!r}")
+        if compile_mode != "default" and not compile:
+            raise UsageError(
+                f"--model.compile_mode {compile_mode} has no effect without --model.compile true: add that, or set "
+                "--model.compile_mode default"
+            )
+        # plain values only, so checkpoints load with torch.load(weights_only=True); compile is not among them: it
+        # changes no result, so a run may resume with or without it
         hparams = {"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay, "update": update}
         self.save_hyperparameters(hparams)
         self.net = MLP(net)
+        self.compile_mode = compile_mode if compile else None
+        # kept out of nn.Module's registry (__dict__, not setattr): the compiled wrapper's parameters are self.net's,
+        # and registered it would add a second set of names (_orig_mod.*) to every state dict and checkpoint
+        self.__dict__["compiled_net"] = torch.compile(self.net, mode=compile_mode) if compile else None
+        self._net_modules: list[torch.nn.Module] = []  # self.net's modules, found at the first training step
         self.num_classes = net.vocab_size  # diagnostics compare the loss at step 0 with ln(num_classes)
         # float64 sums: loss x examples must not overflow (or round) on a whole split
         self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
@@ -106,6 +130,26 @@ class MakemoreModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
 
+    def on_fit_start(self) -> None:
+        if self.compiled_net is not None:
+            rank_zero_info(
+                f"torch.compile (mode {self.compile_mode}): training steps run the compiled network, compiled at the "
+                "first step; steps a hook watches (the diagnostics' sampled ones) and evaluation run it eagerly"
+            )
+        self._net_modules = []  # found again at the first step: a strategy may have swapped modules since
+
+    def training_forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """The network in a training step: compiled (--model.compile) unless a hook watches one of its modules, as
+        the diagnostics do on their sampled steps. Those run eagerly: inside a compiled graph a hook is traced
+        (a graph break, and a recompile each time hooks come and go); eagerly the compiled graph stays the one
+        graph every other step runs, and the hooks see the eager network's tensors."""
+        compiled = self.compiled_net
+        if compiled is None:
+            return self.net(idx)
+        if not self._net_modules:
+            self._net_modules = list(self.net.modules())
+        return self.net(idx) if compat.modules_are_hooked(self._net_modules) else compiled(idx)
+
     def configure_optimizers(self):
         """The lecture's SGD, its learning rate multiplied by lr_decay at each milestone (counted in steps)."""
         sgd = NotebookSGD if self.hparams["update"] == "lecture" else torch.optim.SGD
@@ -118,7 +162,7 @@ class MakemoreModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.training_forward(x), y)
         self.track_train_loss(loss)
         return loss
 

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 def test_bench_prints_per_repeat_ratios_and_writes_json(tmp_path, names_file):
     out = tmp_path / "bench.json"
     args = ["--steps", "30", "--repeats", "2", "--sizes", "small", "--device", "cpu", "--data_path", str(names_file)]
-    args += ["--json", str(out)]
+    args += ["--json", str(out), "--no_compile"]  # the compiled rows: tests/test_compile.py (slow tier)
     proc = subprocess.run(
         [sys.executable, "-m", "mm_lightning.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )

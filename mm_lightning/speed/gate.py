@@ -39,6 +39,9 @@ MIRRORED = (
     "lightning.pytorch.trainer.connectors.logger_connector.logger_connector:_LoggerConnector.update_train_step_metrics",
     "lightning.pytorch.trainer.connectors.logger_connector.logger_connector:_LoggerConnector.should_update_logs",
     "lightning.pytorch.plugins.precision.precision:Precision._wrap_closure",
+    "lightning.pytorch.plugins.precision.precision:Precision.pre_backward",  # LeanEpochLoop._backward_with_hooks
+    "lightning.pytorch.plugins.precision.precision:Precision.backward",
+    "lightning.pytorch.plugins.precision.precision:Precision.post_backward",
     "lightning.pytorch.strategies.strategy:Strategy.backward",
     "lightning.pytorch.strategies.strategy:Strategy.training_step",
 )
@@ -68,6 +71,9 @@ VERIFIED: dict[str, dict[str, str]] = {
         "_LoggerConnector.update_train_step_metrics": "44584c0c55de3464",
         "_LoggerConnector.should_update_logs": "a60ba9e9cd0c62d9",
         "Precision._wrap_closure": "2d25ccda9ac5fcdc",
+        "Precision.pre_backward": "f94c53cfe4fc28b2",
+        "Precision.backward": "c45a6fcf5963eb17",
+        "Precision.post_backward": "26b545c12fad4e75",
         "Strategy.backward": "627cfe60660857e3",
         "Strategy.training_step": "e0755d72cd8b74f0",
     },
