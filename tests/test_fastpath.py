@@ -307,9 +307,22 @@ SPEED_IMPORTED = (
 )
 
 
+# `pip install -e .` puts a finder on sys.meta_path that maps mm_lightning to the checkout it was installed from:
+# it would find that checkout's mm_lightning.speed for a tree on PYTHONPATH that has none. A user who deletes the
+# folder deletes it where that finder looks; the copied tree below is only like that without the finder.
+WITHOUT_EDITABLE_FINDER = (
+    "import runpy, sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in (getattr(f, '__module__', None) or '') "
+    "+ type(f).__module__]; "
+    "module = sys.argv[1]; sys.argv = [module, *sys.argv[2:]]; runpy.run_module(module, run_name='__main__')"
+)
+
+
 def _python(args: list[str], cwd, pythonpath) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "PYTHONUNBUFFERED": "1"}
     env.pop("MM_LIGHTNING_RUN_VERSION", None)
+    if args[0] == "-m":  # python -m MODULE ARGS, with only PYTHONPATH and site-packages to import from
+        args = ["-c", WITHOUT_EDITABLE_FINDER, *args[1:]]
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
