@@ -120,18 +120,29 @@ def _arg(value) -> str:
 
 def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
     """The `diagnose` command's work, for the command and for diagnose()."""
-    import lightning as L
-
     from mm_lightning import preflight
-    from mm_lightning.cli import MakemoreCLI, _quiet_noise
+    from mm_lightning.cli import _quiet_noise
     from mm_lightning.errors import UsageError
-    from mm_lightning.speedswitch import fast_path_class
 
     _quiet_noise()  # as the CLI: no warnings that say nothing about this run
     if steps < 0:
         raise UsageError(f"--steps must be 0 (at init) or more, got {steps}")
     preflight.check_config_files(args)  # a missing or broken config: one line naming it, not a parser traceback
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # for this diagnosis only: a later fit in the notebook says its lines
+    try:
+        return _diagnose(args, steps)
+    finally:
+        lightning_log.setLevel(level)
+
+
+def _diagnose(args: list[str], steps: int) -> Diagnosis:
+    import lightning as L
+
+    from mm_lightning.cli import MakemoreCLI
+    from mm_lightning.speedswitch import fast_path_class
+
     cli = MakemoreCLI(list(args), run=False)  # the same parser, config files and checks as fit
     configured: TrainingDiagnostics = cli.config_init["diagnostics"]
     every = max(steps, 1)  # sample step 0 and step `steps`
