@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -31,6 +32,21 @@ def names_file() -> Path:
             "(online, `python -m mm_lightning.cli download` fetches it)"
         )
     return NAMES
+
+
+@contextlib.contextmanager
+def new_project(tmp_path_factory, names_file: Path, name: str):
+    """A fresh project directory (data/names.txt in place) as the working directory inside the block, for a
+    module-scoped fixture that trains once (monkeypatch.chdir is per test)."""
+    home = tmp_path_factory.mktemp(name)
+    (home / "data").mkdir()
+    shutil.copy(names_file, home / "data" / "names.txt")
+    cwd = os.getcwd()
+    os.chdir(home)  # trained as a user would, from the project's root, with relative paths
+    try:
+        yield home
+    finally:
+        os.chdir(cwd)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from mm_lightning.cli import main
-from tests.conftest import SMALL, free_port
+from tests.conftest import SMALL, free_port, new_project
 
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")
@@ -129,16 +129,9 @@ def _ticked(base: str, tab: str) -> dict[str, bool]:
 @pytest.fixture(scope="module")
 def one_fit(tmp_path_factory, names_file) -> Path:
     """A fit's lightning_logs/ (the default diagnostics, a small net)."""
-    project = tmp_path_factory.mktemp("browser")
-    (project / "data").mkdir()
-    shutil.copy(names_file, project / "data" / "names.txt")
-    cwd = os.getcwd()
-    os.chdir(project)
-    try:
+    with new_project(tmp_path_factory, names_file, "browser") as project:
         args = ["fit", "--trainer.max_steps", "300", *SMALL, "--data.steps_per_epoch", "300"]
         assert main([*args, "--trainer.enable_progress_bar", "false"]) == 0
-    finally:
-        os.chdir(cwd)
     return project / "lightning_logs"
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mm_lightning.cli import main
-from tests.conftest import SMALL, run_cli, scalars
+from tests.conftest import SMALL, new_project, run_cli, scalars
 
 FAST = [*SMALL, "--diagnostics.every_n_steps", "50", "--diagnostics.figures_every_n_steps", "0"]
 
@@ -162,15 +162,8 @@ def _tree(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, names_file) -> Path:
     """One finished 100-step run, trained once for the module (the tests below only read it or refuse to touch it)."""
-    home = tmp_path_factory.mktemp("finished")
-    (home / "data").mkdir()
-    shutil.copy(names_file, home / "data" / "names.txt")
-    cwd = os.getcwd()
-    os.chdir(home)  # trained as a user would, from the project's root, with relative paths
-    try:
+    with new_project(tmp_path_factory, names_file, "finished") as home:
         assert _fit("runs", 100, "--data.steps_per_epoch", "100") == 0
-    finally:
-        os.chdir(cwd)
     return home / "runs"
 
 

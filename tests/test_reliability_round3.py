@@ -15,7 +15,7 @@ import torch
 
 from mm_lightning.cli import main
 from mm_lightning.runs import PATH_KEYS
-from tests.conftest import SMALL, scalars
+from tests.conftest import SMALL, new_project, scalars
 
 FAST = [*SMALL, "--diagnostics.every_n_steps", "50", "--diagnostics.figures_every_n_steps", "0"]
 FAST += ["--trainer.enable_progress_bar", "false"]
@@ -200,15 +200,8 @@ def test_a_signal_at_any_moment_never_exits_0(project):
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory, names_file) -> Path:
     """One finished 100-step run (batch size 64), shared: each test works on its own copy (see `run_copy`)."""
-    root = tmp_path_factory.mktemp("trained")
-    (root / "data").mkdir()
-    shutil.copy(names_file, root / "data" / "names.txt")
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
+    with new_project(tmp_path_factory, names_file, "trained") as root:
         assert _fit("runs", 100, "--data.steps_per_epoch", "100", "--data.batch_size", "64") == 0
-    finally:
-        os.chdir(cwd)
     return root
 
 
