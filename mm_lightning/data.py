@@ -33,8 +33,9 @@ MAX_FILE_BYTES = 1 << 30  # 1 GiB: names.txt is 228 kB; the windows of a larger 
 # ---------------------------------------------------------------------------------------------- the file
 
 
-def download_names(path: Path, url: str | None = None, timeout: float = 30.0) -> None:
-    """Fetch makemore's names.txt, check its sha256 and write it atomically (a temp file, then a rename)."""
+def download_names(path: Path, url: str | None = None, timeout: float = 30.0, instead: str = "") -> None:
+    """Fetch makemore's names.txt, check its sha256 and write it atomically (a temp file, then a rename). `instead`:
+    what else the command that asked could be given, for the line that says the download failed."""
     url = url or NAMES_URL
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -43,7 +44,7 @@ def download_names(path: Path, url: str | None = None, timeout: float = 30.0) ->
         reason = getattr(e, "reason", e)
         raise UsageError(
             f"{path} is missing and downloading {url} failed ({reason}); "
-            f"copy names.txt to {path} or pass --data.path FILE"
+            f"copy names.txt to {path}{instead}"
         ) from None
     digest = hashlib.sha256(payload).hexdigest()
     if digest != NAMES_SHA256:
@@ -394,7 +395,7 @@ class NamesDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.path = Path(path)
         if not self.path.exists() and path == DEFAULT_PATH:
-            download_names(self.path)
+            download_names(self.path, instead=" or pass --data.path FILE")
         big = self.path.is_file() and self.path.stat().st_size > LARGE_FILE_BYTES
         if big:  # a large file takes a while: say what is happening
             print(f"reading {self.path} ({self.path.stat().st_size / 2**20:,.0f} MiB) ...", file=sys.stderr, flush=True)

@@ -117,3 +117,17 @@ def test_download_failure_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "NAMES_URL", "http://127.0.0.1:9/names.txt")  # nothing listens on port 9
     with pytest.raises(UsageError, match=r"data/names.txt is missing and downloading .* failed .*--data.path"):
         NamesDataModule()
+
+
+def test_the_download_commands_failure_names_only_what_it_takes(tmp_path, monkeypatch, capsys):
+    """Offline, `download` says where to copy the file, and no option of another command (it has no --data.path)."""
+    from mm_lightning import data
+    from mm_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "NAMES_URL", "http://127.0.0.1:9/names.txt")  # nothing listens on port 9
+    assert main(["download"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data/names.txt is missing and downloading"), err
+    assert err[0].endswith("copy names.txt to data/names.txt") and "--data.path" not in err[0], err
+    assert not (tmp_path / "data" / "names.txt").exists()
