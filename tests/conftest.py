@@ -57,8 +57,10 @@ def project(tmp_path: Path, names_file: Path) -> Path:
     return tmp_path
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """python -m mm_lightning.cli ARGS in cwd, as a user runs it."""
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 300, check: bool = True, preexec_fn=None
+) -> subprocess.CompletedProcess:
+    """python -m mm_lightning.cli ARGS in cwd, as a user runs it (preexec_fn: e.g. a resource limit on the child)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MM_LIGHTNING_RUN_VERSION", None)
     proc = subprocess.run(
@@ -68,6 +70,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True
         text=True,
         timeout=timeout,
         env=env,
+        preexec_fn=preexec_fn,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")

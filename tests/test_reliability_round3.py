@@ -15,7 +15,7 @@ import torch
 
 from mm_lightning.cli import main
 from mm_lightning.runs import PATH_KEYS
-from tests.conftest import SMALL, new_project, scalars
+from tests.conftest import SMALL, new_project, run_cli, scalars
 
 FAST = [*SMALL, "--diagnostics.every_n_steps", "50", "--diagnostics.figures_every_n_steps", "0"]
 FAST += ["--trainer.enable_progress_bar", "false"]
@@ -389,21 +389,12 @@ def _file_size_limit():
 def test_every_command_against_a_read_only_run_and_a_full_disk(run_copy, condition):
     """Each command: it succeeds, or says why not in one line with exit 2; never a traceback; the run's
     checkpoints are as they were."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MM_LIGHTNING_RUN_VERSION", None)
     runs = run_copy / "runs"
     checkpoints = {k: v for k, v in _tree(runs).items() if k.endswith(".ckpt")}
     with _read_only(runs) if condition == "read-only" else contextlib.nullcontext():
         for name, args in EVERY_COMMAND.items():
-            proc = subprocess.run(
-                [sys.executable, "-m", "mm_lightning.cli", *args],
-                cwd=run_copy,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                preexec_fn=_file_size_limit if condition == "full" else None,
-            )
+            limit = _file_size_limit if condition == "full" else None
+            proc = run_cli(args, run_copy, check=False, preexec_fn=limit)
             where = f"{name} ({condition}): exit {proc.returncode}\n{proc.stderr[-3000:]}"
             assert "Traceback" not in proc.stderr, where
             lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]

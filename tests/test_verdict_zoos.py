@@ -29,8 +29,8 @@ class Recording(TrainingDiagnostics):
     """Keeps every sample's snapshot and failing verdicts, computed in this process (no worker, no figures)."""
 
     def __init__(self, **kwargs):
-        kwargs = {"histograms_every_n_steps": 0, "figures_every_n_steps": 0, "stats_in_worker": False, **kwargs}
-        super().__init__(verbose=False, **kwargs)
+        defaults = {"histograms_every_n_steps": 0, "figures_every_n_steps": 0, "stats_in_worker": False}
+        super().__init__(**{**defaults, "verbose": False, **kwargs})
         self.samples, self.failing, self.verdicts = [], [], []
 
     def _record(self, trainer, pl_module, s):
@@ -40,12 +40,13 @@ class Recording(TrainingDiagnostics):
         self.failing += [(s.step, v.check, v.subject, v.message) for v in self.last_verdicts if not v.ok]
 
 
-def train(model, data, steps: int, every: int, **diag_kwargs) -> Recording:
+def train(model, data, steps: int, every: int, callbacks=(), **diag_kwargs) -> Recording:
+    """Fit `model` for `steps` steps with a Recording sampling every `every` (after `callbacks`), nothing else."""
     torch.manual_seed(0)
     diag = Recording(every_n_steps=every, **diag_kwargs)
     trainer = L.Trainer(
         max_steps=steps,
-        callbacks=[diag],
+        callbacks=[*callbacks, diag],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -315,15 +316,7 @@ def test_sparse_gradients_are_measured():
             if trainer.global_step == 0:
                 grads["emb"] = pl_module.emb.weight.grad.to_dense().clone()
 
-    diag = Recording(every_n_steps=1)
-    L.Trainer(
-        max_steps=2,
-        callbacks=[Grab(), diag],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(SparseEmbedding(), zoo.loader(x, y))
+    diag = train(SparseEmbedding(), zoo.loader(x, y), 2, 1, callbacks=[Grab()])
     emb = next(p for p in diag.samples[0].params if p.name == "emb.weight")
     assert emb.grad_std == pytest.approx(grads["emb"].std().item(), rel=1e-5)
 
@@ -407,16 +400,7 @@ class Composite(L.LightningModule):
 def test_tuple_and_dict_outputs_say_what_is_measured(capsys, kind, said):
     x, y = zoo.features()
     model = Composite(kind)
-    diag = Recording(every_n_steps=1, layers=["block"])
-    diag.verbose = True
-    L.Trainer(
-        max_steps=1,
-        callbacks=[diag],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(model, zoo.loader(x, y, shuffle=False))
+    diag = train(model, zoo.loader(x, y, shuffle=False), 1, 1, layers=["block"], verbose=True)
     err = capsys.readouterr().err
     assert f"block is watched but not measured (in full): its output is a {kind} of 2: {said} is measured" in err
     with torch.no_grad():
@@ -474,15 +458,6 @@ def test_dead_channels_after_conv1d_relu():
 
 
 def test_an_ema_copy_is_not_watched(capsys):
-    diag = Recording(every_n_steps=1)
-    diag.verbose = True
-    L.Trainer(
-        max_steps=2,
-        callbacks=[diag],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(zoo.WithEMA(), zoo.loader(*zoo.features()))
+    diag = train(zoo.WithEMA(), zoo.loader(*zoo.features()), 2, 1, verbose=True)
     assert [w.name for w in diag.watched] == ["net.1", "net.3"]
     assert "not in ema: no parameter there trains" in capsys.readouterr().err
