@@ -20,7 +20,7 @@ STORIES = {  # config (configs/lecture/<name>.yaml): panel title
     "deep_bn": "BatchNorm, gain 5/3",
     "deep_bn_gain3": "BatchNorm, gain 3",
 }
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "lecture"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "lecture"
 
 
 def draw(diagnoses: dict, gradients: bool):
