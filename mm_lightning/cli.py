@@ -165,6 +165,11 @@ def _one_line(error: Exception, argv: list[str]) -> str:
     text = re.sub(r'Parser key "([^"]+)": ', r"--\1: ", text)
     text = text.replace("Expected a typing.Literal", "expected one of ").replace("Expected a ", "expected ")
     text = re.sub(r"<class '(\w+)'>", r"\1", text).replace(". Got value:", ", got")
+    # an argument of a class-path option (--model.net, --data): "--data: ... class_path 'X': --key: what" -> --data.key
+    given = r"--([\w.]+): .*?Problem with given class_path '[\w.]+': --(\w+): (.*?)( - expected NoneType.*)?$"
+    nested = re.match(given, text)
+    if nested:
+        text = f"--{nested[1]}.{nested[2]}: {nested[3]}"
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     return f"{text} (see `python -m mm_lightning.cli {command} --help`)".replace("  ", " ")
 

@@ -80,6 +80,21 @@ def _after_existing_event_files(run_dir: Path) -> None:
         time.sleep(0.05)
 
 
+def _usage_error_within(error: ValueError) -> UsageError | None:
+    """The UsageError jsonargparse collected while trying each type of a class-path argument (it raises a ValueError
+    listing them, holding them in its frame's `exceptions`, or chained as the context)."""
+    cause = error.__context__
+    while cause is not None and not isinstance(cause, UsageError):
+        cause = cause.__context__
+    tb = error.__traceback__
+    while cause is None and tb is not None:
+        collected = tb.tb_frame.f_locals.get("exceptions")
+        if isinstance(collected, list):
+            cause = next((x for x in collected if isinstance(x, UsageError)), None)
+        tb = tb.tb_next
+    return cause
+
+
 class MakemoreCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True, stop_on_signal: StopOnSignal | None = None):
         self._argv = list(args)
@@ -198,6 +213,15 @@ class MakemoreCLI(LightningCLI):
                     f"--model.{changed[0]} configures the module's own SGD, which --optimizer replaces; "
                     "set --optimizer.lr (and --lr_scheduler) instead"
                 )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # jsonargparse wraps what a class-path DataModule raises: say the DataModule's line
+            cause = _usage_error_within(e)
+            if cause is None:
+                raise
+            raise cause from None
 
     def after_instantiate_classes(self) -> None:
         connect = getattr(self.datamodule, "connect", None)
