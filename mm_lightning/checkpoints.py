@@ -93,7 +93,7 @@ def check_checkpoint(checkpoint: dict, path) -> None:
     module_args = set(inspect.signature(MakemoreModule).parameters)
     config_class, net_args = net_config_class(hparams["net"])
     net_fields = {f.name for f in dataclasses.fields(config_class)}
-    unknown = [k for k in hparams if k not in module_args] + [f"net.{k}" for k in hparams["net"] if k not in net_fields]
+    unknown = [k for k in hparams if k not in module_args] + [f"net.{k}" for k in net_args if k not in net_fields]
     if unknown:
         raise UsageError(
             f"{path}: hyperparameter {unknown[0]} is not one this project's model takes (written by another "
