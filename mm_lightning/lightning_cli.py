@@ -224,16 +224,6 @@ class MakemoreCLI(LightningCLI):
             raise cause from None
 
     def after_instantiate_classes(self) -> None:
-        connect = getattr(self.datamodule, "connect", None)
-        if callable(connect):  # a DataModule that follows the model (the lecture kit's notebook stream) is told of it
-            connect(self.model, self.trainer)
-        custom = [m for m in self.model.net.modules() if isinstance(m, BatchNorm1d) and type(m) is not BatchNorm1d]
-        if custom and self._get(self.config_init, "trainer", default={}).get("sync_batchnorm"):
-            # Lightning swaps every BatchNorm for torch's SyncBatchNorm: the network's own would silently become torch's
-            raise UsageError(
-                f"--trainer.sync_batchnorm replaces the network's {type(custom[0]).__name__} with torch's "
-                "SyncBatchNorm; use bn_style torch with it (torch's BatchNorm1d)"
-            )
         if self.resume is not None and self.datamodule.vocab != self.resume.vocab:
             raise UsageError(
                 f"{self.resume.checkpoint} was trained on a {len(self.resume.vocab)}-character vocabulary but "
@@ -247,7 +237,18 @@ class MakemoreCLI(LightningCLI):
     # ------------------------------------------------------------------------------------------------ trainer
 
     def instantiate_trainer(self, **kwargs):
+        # before the trainer exists (it prints, and starts DDP's other processes): what the model and data cannot do
         trainer = self._get(self.config_init, "trainer", default={})
+        connect = getattr(self.datamodule, "connect", None)
+        if callable(connect):  # a DataModule that follows the model (the lecture kit's notebook stream) is told of it
+            connect(self.model, _processes(trainer))
+        custom = [m for m in self.model.net.modules() if isinstance(m, BatchNorm1d) and type(m) is not BatchNorm1d]
+        if custom and trainer.get("sync_batchnorm"):
+            # Lightning swaps every BatchNorm for torch's SyncBatchNorm: the network's own would silently become torch's
+            raise UsageError(
+                f"--trainer.sync_batchnorm replaces the network's {type(custom[0]).__name__} with torch's "
+                "SyncBatchNorm; use bn_style torch with it (torch's BatchNorm1d)"
+            )
         given = trainer.get("logger")
         if given in (None, True):
             kwargs["logger"] = self._run_logger(trainer.get("default_root_dir"))
@@ -332,3 +333,16 @@ def _quiet_noise() -> None:
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a resumed run's own checkpoints
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42"
+
+
+def _processes(trainer) -> int:
+    """Training processes the trainer config asks for explicitly (devices 'auto' counts as 1: the DataModule
+    checks the real world size again when it builds the training stream)."""
+    devices = trainer.get("devices")
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    else:
+        text = str(devices).strip().rstrip(",")
+        count = int(text) if text.lstrip("-").isdigit() else len(text.split(",")) if "," in text else 1
+        count = max(count, 2) if count < 0 else count  # -1: every device, several on a multi-device machine
+    return count * int(trainer.get("num_nodes") or 1)

@@ -66,11 +66,11 @@ class NotebookNamesDataModule(NamesDataModule):
             raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)
         self.init_generator_state = state
 
-    def connect(self, model, trainer) -> None:
-        """Called by the CLI once the model and the trainer exist, before anything trains: follow the model's init
-        generator, and refuse what the one stream cannot honour."""
+    def connect(self, model, processes: int) -> None:
+        """Called by the CLI once the model exists, before the trainer (and DDP's processes): follow the model's
+        init generator, and refuse what the one stream cannot honour."""
         self.follow_init_generator(getattr(getattr(model, "net", None), "init_generator_state", None))
-        if trainer.world_size > 1:  # before DDP starts the other processes
+        if processes > 1:
             raise UsageError(NOTEBOOK_ONE_PROCESS)
 
     def train_sampler(self, num_examples: int, rank: int) -> NotebookSampler:
