@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -259,39 +258,6 @@ class StepSampler:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-NOTEBOOK_NEEDS_INIT_SEED = (
-    "--data.sampler notebook continues the generator of the model's init; "
-    "set --model.net.init_seed too (the notebook's is 2147483647)"
-)
-NOTEBOOK_ONE_PROCESS = "--data.sampler notebook is one stream for one process; use sampler steps with DDP"
-
-
-class NotebookSampler:
-    """The notebook's minibatches: torch.randint(0, n, (batch_size,), generator=g) once per step, g continuing
-    from where the model's init left it (makemore_part3_bn.ipynb draws C, the weights, then the minibatches from
-    one generator). Minibatch s is a pure function of (that state, s): a resumed run replays the s earlier draws
-    (about a second per 100000 steps)."""
-
-    BLOCK = 100  # steps handed out at once
-
-    def __init__(self, num_examples: int, batch_size: int, state: torch.Tensor):
-        self.num_examples, self.batch_size, self.state = num_examples, batch_size, state
-        self.generator, self.position = torch.Generator(), None
-
-    def _draw(self) -> torch.Tensor:
-        self.position += 1
-        return torch.randint(0, self.num_examples, (self.batch_size,), generator=self.generator)
-
-    def indices(self, start: int, stop: int) -> torch.Tensor:
-        """(stop - start, batch_size) example indices for steps start .. stop-1."""
-        if self.position is None or start < self.position:
-            self.generator.set_state(self.state)
-            self.position = 0
-        while self.position < start:
-            self._draw()
-        return torch.stack([self._draw() for _ in range(start, stop)])
-
-
 class TrainStream(IterableDataset):
     """One epoch of training minibatches, (x (B, T), y (B,)) for minibatches s, s+1, ... (one per optimizer step, or
     accumulate_grad_batches per step: the DataModule counts in minibatches).
@@ -305,7 +271,7 @@ class TrainStream(IterableDataset):
         self,
         x: torch.Tensor,
         y: torch.Tensor,
-        sampler: StepSampler | NotebookSampler,
+        sampler: StepSampler,
         start_step: Callable[[], int],
         steps_per_epoch: int,
         max_steps: int,
@@ -364,7 +330,6 @@ class NamesDataModule(L.LightningDataModule):
         seed: int = 2147483647,
         split_seed: int = 42,
         num_samples: int = 20,
-        sampler: Literal["steps", "notebook"] = "steps",
     ):
         """
         Args:
@@ -376,9 +341,6 @@ class NamesDataModule(L.LightningDataModule):
             seed: seed of the minibatch stream (the model's init is seeded by seed_everything).
             split_seed: random.seed for shuffling the words before the 80/10/10 cut (the lecture's 42).
             num_samples: names that `predict` generates.
-            sampler: 'steps': minibatch s is drawn from a generator seeded by (seed, rank, s // 100), so each DDP
-                rank has its own stream; 'notebook': the lecture notebook's stream, one generator shared with the
-                model's init (--model.net.init_seed; seed is then unused), one process only.
         """
         super().__init__()
         for name, value in [
@@ -390,8 +352,6 @@ class NamesDataModule(L.LightningDataModule):
         ]:
             if value < 1:
                 raise UsageError(f"--data.{name} must be at least 1, got {value}")
-        if sampler not in ("steps", "notebook"):
-            raise UsageError(f"--data.sampler must be steps or notebook, got {sampler!r}")
         self.save_hyperparameters()
         self.path = Path(path)
         if not self.path.exists() and path == DEFAULT_PATH:
@@ -407,16 +367,8 @@ class NamesDataModule(L.LightningDataModule):
         self.block_size, self.batch_size = block_size, batch_size
         self.steps_per_epoch = steps_per_epoch
         self.eval_batch_size, self.seed, self.split_seed = eval_batch_size, seed, split_seed
-        self.num_samples, self.sampler = num_samples, sampler
-        self.init_generator_state: torch.Tensor | None = None  # for sampler 'notebook': see follow_init_generator
+        self.num_samples = num_samples
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def follow_init_generator(self, state: torch.Tensor | None) -> None:
-        """For sampler 'notebook': the state the model's init left its generator in (MLP.init_generator_state);
-        the minibatches continue from it, as the notebook's do."""
-        if self.sampler == "notebook" and state is None:
-            raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)
-        self.init_generator_state = state
 
     @property
     def vocab_size(self) -> int:
@@ -442,18 +394,10 @@ class NamesDataModule(L.LightningDataModule):
         trainer = self.trainer
         # minibatches are counted in batches: with gradient accumulation an optimizer step takes several
         per_step = trainer.accumulate_grad_batches if trainer is not None else 1
-        if self.sampler == "notebook":
-            if self.init_generator_state is None:
-                raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)
-            if trainer is not None and trainer.world_size > 1:
-                raise UsageError(NOTEBOOK_ONE_PROCESS)
-            sampler = NotebookSampler(len(y), self.batch_size, self.init_generator_state)
-        else:
-            sampler = StepSampler(len(y), self.batch_size, self.seed, rank)
         stream = TrainStream(
             x,
             y,
-            sampler,
+            self.train_sampler(len(y), rank),
             start_step=(lambda: trainer.global_step * per_step) if trainer is not None else (lambda: 0),
             steps_per_epoch=self.steps_per_epoch * per_step,
             max_steps=trainer.max_steps * per_step if trainer is not None and trainer.max_steps >= 0 else -1,
@@ -461,6 +405,11 @@ class NamesDataModule(L.LightningDataModule):
         # the stream itself: it yields whole minibatches, and a DataLoader around it (batch_size=None, no workers)
         # would only add ~50 us of per-batch machinery, a few % of a step of this model on a CPU
         return stream
+
+    def train_sampler(self, num_examples: int, rank: int) -> StepSampler:
+        """Which examples minibatch s holds: minibatch s is drawn from a generator seeded by (seed, rank, s // 100),
+        so each DDP rank has its own stream (a subclass may draw them otherwise: the lecture kit's notebook stream)."""
+        return StepSampler(num_examples, self.batch_size, self.seed, rank)
 
     def _eval_dataloader(self, split: str) -> DataLoader:
         x, y = self.splits[split]

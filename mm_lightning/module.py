@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from mm_lightning import compat
 from mm_lightning.errors import UsageError
-from mm_lightning.model import MLP, MLPConfig, generate
+from mm_lightning.model import MLPConfig, generate
 from mm_lightning.notebook_sgd import NotebookSGD
 
 LR_TAG = "train/lr"  # the learning rate's tag, for every scheduler (see configure_optimizers)
@@ -111,7 +111,7 @@ class MakemoreModule(L.LightningModule):
         # changes no result, so a run may resume with or without it
         hparams = {"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay, "update": update}
         self.save_hyperparameters(hparams)
-        self.net = MLP(net)
+        self.net = net.build()  # MLP(net), or the network a subclass of MLPConfig builds
         self.compile_mode = compile_mode if compile else None
         # kept out of nn.Module's registry (__dict__, not setattr): the compiled wrapper's parameters are self.net's,
         # and registered it would add a second set of names (_orig_mod.*) to every state dict and checkpoint

@@ -3,8 +3,7 @@
 - config files: present, UTF-8, valid YAML, a non-empty mapping (jsonargparse would say "<unicode string>" or
   "Unexpected config:" with nothing after it, or raise UnicodeDecodeError);
 - a seed numpy accepts (0 .. 2**32 - 1);
-- a checkpoint's contents: hyperparameters this project's model takes, a whole global_step, weights whose shapes
-  are what its hyperparameters build (checked on the meta device: nothing is allocated before it is known to fit);
+- a checkpoint fit can resume, and the data it was trained on (a checkpoint's contents: checkpoints.py);
 - every failure class a command can meet as one line naming what to change (see `resource_error`, which cli.py's
   `_command`, the one place every command runs through, calls): memory, file-size and open-file limits; a full,
   read-only, unwritable or vanished destination, or a file in the way of a directory; unusable model output.
@@ -12,9 +11,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import inspect
 import os
 import re
 from pathlib import Path
@@ -23,7 +20,6 @@ import torch
 import yaml
 
 from mm_lightning.errors import UsageError
-from mm_lightning.model import MLP, MLPConfig
 
 MAX_SEED = 2**32 - 1  # numpy's bound, which Lightning's seed_everything passes the seed to
 
@@ -72,38 +68,6 @@ def check_seed(seed) -> None:
         return  # True: a random seed; False/None: none
     if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
         raise UsageError(f"--seed_everything must be a whole number from 0 to {MAX_SEED}, got {seed}")
-
-
-def check_checkpoint(checkpoint: dict, path) -> None:
-    """A checkpoint fit wrote: known hyperparameters, a whole global_step, weights of the shapes they build."""
-    from mm_lightning.module import MakemoreModule
-
-    hparams = checkpoint["hyper_parameters"]
-    module_args = set(inspect.signature(MakemoreModule).parameters)
-    net_fields = {f.name for f in dataclasses.fields(MLPConfig)}
-    unknown = [k for k in hparams if k not in module_args] + [f"net.{k}" for k in hparams["net"] if k not in net_fields]
-    if unknown:
-        raise UsageError(
-            f"{path}: hyperparameter {unknown[0]} is not one this project's model takes (written by another "
-            "version, or edited); use a checkpoint written by this version's fit"
-        )
-    step = checkpoint.get("global_step", 0)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise UsageError(f"{path}: global_step is {step!r}, not a step count: the checkpoint is damaged")
-    try:
-        with torch.device("meta"):  # shapes only: a claimed size that would not fit allocates nothing here
-            expected = {k: tuple(v.shape) for k, v in MLP(MLPConfig(**hparams["net"])).state_dict().items()}
-    except (TypeError, ValueError, UsageError) as e:
-        raise UsageError(f"{path}: its model hyperparameters are not valid ({' '.join(str(e).split())})") from None
-    from mm_lightning.runs import net_state
-
-    stored = {k: tuple(v.shape) for k, v in net_state(checkpoint).items()}
-    if stored != expected:
-        wrong = sorted(set(stored) ^ set(expected)) or [k for k in expected if stored[k] != expected[k]]
-        raise UsageError(
-            f"{path}: its weights do not match its own hyperparameters (first: net.{wrong[0]}); the checkpoint is "
-            "damaged or was edited"
-        )
 
 
 def check_resumable(checkpoint: dict, path) -> None:

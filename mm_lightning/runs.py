@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import pickle
 import re
 import signal
 import sys
 import tempfile
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from mm_lightning import compat, signals
+from mm_lightning.checkpoints import checkpoint_net, load_checkpoint, net_config_class, net_state, safe_load  # noqa: F401
 from mm_lightning.errors import UsageError
 
 RUNS_DIRNAME = "lightning_logs"
@@ -126,58 +125,6 @@ def find_last(runs: Path) -> Path:
             "drop --ckpt_path to start a new run, or pass --ckpt_path FILE"
         )
     return max(candidates, key=lambda p: p.stat().st_mtime_ns)
-
-
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """torch.load with weights_only=True, turning every way it can fail into a one-line UsageError."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise UsageError(f"checkpoint {path} {what}; pass --ckpt_path last or the path of a .ckpt file")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not one of ours
-        raise UsageError(f"{path} is not a readable checkpoint (not a torch.save archive); pass a .ckpt written by fit")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UsageError(
-            f"refusing to load {path}: it holds objects other than tensors and plain values, which could run code; "
-            "use a checkpoint written by mm_lightning"
-        ) from None
-    except Exception as e:  # not a zip/pickle at all, truncated, ...
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path} is not a readable checkpoint ({reason}); pass a .ckpt file written by fit") from None
-    return checkpoint
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """A checkpoint written by this project's fit, loaded safely (see safe_load)."""
-    checkpoint = safe_load(path, map_location)
-    if (
-        not isinstance(checkpoint, dict)
-        or "state_dict" not in checkpoint
-        or "net" not in checkpoint.get("hyper_parameters", {})
-    ):
-        raise UsageError(
-            f"{path} is not an mm_lightning checkpoint (no model hyperparameters); pass one written by fit"
-        )
-    from mm_lightning.preflight import check_checkpoint  # (it imports the module, which imports this file)
-
-    check_checkpoint(checkpoint, path)
-    return checkpoint
-
-
-def net_state(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The network's weights in a checkpoint fit wrote: its state_dict's `net.` entries, without the prefix."""
-    return {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-
-
-def checkpoint_net(checkpoint: dict):
-    """The network of a checkpoint load_checkpoint accepted (its weights fit its hyperparameters), with them."""
-    from mm_lightning.model import MLP, MLPConfig
-
-    net = MLP(MLPConfig(**checkpoint["hyper_parameters"]["net"]))
-    net.load_state_dict(net_state(checkpoint))
-    return net
 
 
 def remove_partial_writes(directory: Path) -> None:

@@ -31,8 +31,10 @@ import pytest
 import torch
 import yaml
 
-from mm_lightning.data import NamesDataModule, NotebookSampler
-from mm_lightning.model import MLP, LectureBatchNorm1d, LectureFirstBatchNorm1d, MLPConfig
+from mm_lightning.data import NamesDataModule
+from mm_lightning.lecture import LectureBatchNorm1d, LectureFirstBatchNorm1d, NotebookNamesDataModule, NotebookSampler
+from mm_lightning.lecture import NotebookMLP as MLP
+from mm_lightning.lecture import NotebookMLPConfig as MLPConfig
 from mm_lightning.module import MakemoreModule
 from tests.conftest import ROOT, flat_tag, run_cli, scalars
 
@@ -127,7 +129,7 @@ def run_notebook(namespace: dict, *sources: str) -> dict:
 
 
 def net_config(path: Path) -> MLPConfig:
-    return MLPConfig(**yaml.safe_load(path.read_text())["model"]["net"])
+    return MLPConfig(**yaml.safe_load(path.read_text())["model"]["net"]["init_args"])
 
 
 def as_notebook_parameters(net_state: dict[str, torch.Tensor], net: MLP) -> list[torch.Tensor]:
@@ -337,7 +339,7 @@ def test_notebook_sampler_is_one_stream_for_one_process(names_file):
 
     from mm_lightning.errors import UsageError
 
-    data = NamesDataModule(path=str(names_file), sampler="notebook")
+    data = NotebookNamesDataModule(path=str(names_file))
     data.setup()
     data.follow_init_generator(torch.Generator().manual_seed(SEED).get_state())
     data.trainer = SimpleNamespace(world_size=2, global_rank=1, accumulate_grad_batches=1, global_step=0, max_steps=9)
@@ -353,16 +355,17 @@ def test_what_the_notebook_options_cannot_honour_is_refused_in_one_line(project)
         assert not list(project.glob("lightning_logs/version_*"))  # refused before a run directory is claimed
         return proc.stderr
 
-    assert "set --model.net.init_seed" in refused("--data.sampler", "notebook")
-    assert "use kaiming or normal" in refused("--model.net.init_seed", "1", "--model.net.init", "torch")
+    notebook_net = ("--model.net", "mm_lightning.lecture.NotebookMLPConfig")
+    assert "set --model.net.init_seed" in refused("--data", "mm_lightning.lecture.NotebookNamesDataModule")
+    assert "use kaiming or normal" in refused(*notebook_net, "--model.net.init_seed", "1", "--model.net.init", "torch")
     # two processes: refused before DDP starts them
     two = ("--trainer.devices", "2", "--trainer.accelerator", "cpu")
     assert "use sampler steps with DDP" in refused("--config", str(DEEP), *two)
     no_bn = ("--model.net.batchnorm", "false", "--model.net.output_batchnorm", "false")
-    assert "has no effect without batchnorm" in refused("--model.net.bn_style", "lecture", *no_bn)
+    assert "has no effect without batchnorm" in refused(*notebook_net, "--model.net.bn_style", "lecture", *no_bn)
     # SyncBatchNorm would silently replace the lecture's BatchNorm with torch's
     assert "use bn_style torch with it" in refused(
-        "--model.net.bn_style", "lecture", "--trainer.sync_batchnorm", "true"
+        *notebook_net, "--model.net.bn_style", "lecture", "--trainer.sync_batchnorm", "true"
     )
 
 
@@ -438,7 +441,7 @@ def test_cell_17_weight_gradient_table(deep_run):
 def test_cell_19_split_losses(deep_run, names_file):
     """To the notebook's 17 printed digits, up to float32 rounding of a mean over the split (182625 and 22655
     terms: 2.1e-6 and 1.9e-6 of it); bit for bit against the notebook's own code in the slow test below."""
-    from mm_lightning.reproduce import evaluate
+    from mm_lightning.lecture.reproduce import evaluate
 
     with one_thread():
         step, losses = evaluate(deep_run / "checkpoints" / "last.ckpt", str(names_file))
@@ -487,7 +490,7 @@ def test_the_deep_run_is_the_notebooks_code_bit_for_bit(deep_run, notebook_data,
     params, buffers = our_deep_state(deep_run / "checkpoints" / "last.ckpt")
     assert_bitwise(params, nb["parameters"])
     assert_bitwise(buffers, notebook_buffers(nb))
-    from mm_lightning.reproduce import evaluate
+    from mm_lightning.lecture.reproduce import evaluate
 
     with one_thread():
         _, losses = evaluate(deep_run / "checkpoints" / "last.ckpt", str(names_file))
@@ -549,7 +552,7 @@ def test_a_folded_notebook_checkpoint_samples_the_notebooks_names(deep_run, tmp_
 
 @pytest.mark.slow
 def test_the_notebooks_batchnorm_folds_like_torchs(deep_run, names_file):
-    from mm_lightning.fold import fold_batchnorm
+    from mm_lightning.lecture.fold import fold_batchnorm
     from mm_lightning.runs import checkpoint_net, load_checkpoint
 
     net = checkpoint_net(load_checkpoint(deep_run / "checkpoints" / "last.ckpt")).eval()
@@ -587,7 +590,7 @@ def test_a_resumed_notebook_run_draws_the_same_minibatches(tmp_path, names_file,
 def test_cells_7_and_10_the_single_layer_run(tmp_path, names_file):
     """Cell 10's split losses within 0.002 after the notebook's 200000 steps, and cell 7's curve beside the
     notebook's (about 7 minutes on 2 CPU cores; run with `pytest -m reference`)."""
-    from mm_lightning.reproduce import main
+    from mm_lightning.lecture.reproduce import main
 
     config = ROOT / "configs" / "lecture" / "notebook_batchnorm.yaml"
     assert main([str(config), "--out", str(tmp_path), "--data_path", str(names_file), "--jobs", "1"]) == 0

@@ -31,7 +31,7 @@ def test_reproduce_writes_the_table_in_the_lectures_order(project):
 
 
 def test_reproduce_refuses_a_missing_config(project, monkeypatch, capsys):
-    from mm_lightning.reproduce import main  # in-process: the refusal is tested, not the interpreter's start
+    from mm_lightning.lecture.reproduce import main  # in-process: the refusal is tested, not the interpreter's start
 
     monkeypatch.chdir(project)
     assert main(["nope.yaml"]) == 2

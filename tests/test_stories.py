@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mm_lightning.stories import STORIES, main
+from mm_lightning.lecture.stories import STORIES, main
 from tests.conftest import tb_tags
 
 

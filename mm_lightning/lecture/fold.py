@@ -21,14 +21,17 @@ import torch
 import torch.nn as nn
 
 from mm_lightning.errors import UsageError
+from mm_lightning.lecture.nets import NotebookMLPConfig
 from mm_lightning.model import MLP
 
 
 @torch.no_grad()
 def fold_batchnorm(net: MLP) -> MLP:
     """A copy of net without BatchNorm layers, each folded into the Linear before it (see the module docstring)."""
-    config = dataclasses.replace(net.config, batchnorm=False, output_batchnorm=False, bn_style="torch")
-    folded = MLP(config)
+    no_bn = {"batchnorm": False, "output_batchnorm": False}
+    if isinstance(net.config, NotebookMLPConfig):
+        no_bn["bn_style"] = "torch"  # (the lecture's BatchNorm is folded like torch's: see its running_var)
+    folded = dataclasses.replace(net.config, **no_bn).build()
     folded.embedding.weight.copy_(net.embedding.weight)
     source = list(net.layers)
     targets = iter(m for m in folded.layers if isinstance(m, nn.Linear))

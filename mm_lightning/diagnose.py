@@ -1,6 +1,7 @@
-"""The lecture in Jupyter: `diagnose` a config (at init or after K training steps) and get back what a notebook
-shows, the lecture's per-layer tables (rendered as HTML tables), the health verdicts, and the four figures as
-matplotlib figures shown inline. The `diagnose` command prints the same thing as text.
+"""`diagnose` a config (at init or after K training steps) and get back what a notebook shows, the lecture's
+per-layer tables (rendered as HTML tables in Jupyter), the health verdicts, and the four figures as matplotlib
+figures shown inline; the `diagnose` command (below) prints the same thing as text. The lecture kit exports the
+Jupyter API (mm_lightning.lecture).
 
     from mm_lightning.lecture import diagnose
     d = diagnose("configs/lecture/deep_nobn.yaml", steps=0, **{"model.net.gain": 3.0})
@@ -16,8 +17,10 @@ import html
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from mm_lightning.diagnostics import Snapshot, TrainingDiagnostics, Verdict, format_report
+from mm_lightning.errors import UsageError
 
 
 @dataclass
@@ -121,8 +124,7 @@ def _arg(value) -> str:
 def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
     """The `diagnose` command's work, for the command and for diagnose()."""
     from mm_lightning import preflight
-    from mm_lightning.cli import _quiet_noise
-    from mm_lightning.errors import UsageError
+    from mm_lightning.lightning_cli import _quiet_noise
 
     _quiet_noise()  # as the CLI: no warnings that say nothing about this run
     if steps < 0:
@@ -140,7 +142,7 @@ def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
 def _diagnose(args: list[str], steps: int) -> Diagnosis:
     import lightning as L
 
-    from mm_lightning.cli import MakemoreCLI
+    from mm_lightning.lightning_cli import MakemoreCLI
     from mm_lightning.speedswitch import fast_path_class
 
     cli = MakemoreCLI(list(args), run=False)  # the same parser, config files and checks as fit
@@ -178,3 +180,53 @@ def _diagnose(args: list[str], steps: int) -> Diagnosis:
     trainer.fit(cli.model, datamodule=cli.datamodule)
     expected = configured.expected_initial_loss or math.log(cli.model.num_classes)
     return Diagnosis(diagnostics.last_snapshot, diagnostics.last_verdicts, diagnostics.update_history, expected)
+
+
+# ---------------------------------------------------------------------------------------- the command
+
+DIAGNOSE_USAGE = """usage: python -m mm_lightning.cli diagnose [--config FILE] [--steps K] [--save_figures DIR] [...]
+
+Build the data and the model exactly as `fit` would (same --config, --model.*, --data.*, --diagnostics.*), train
+K steps (default 0: at init), then print the lecture's per-layer tables for step K and the health verdicts.
+Exit status 1 when a verdict fails. --save_figures DIR writes the four lecture figures there as PNG files."""
+
+
+def _pop_option(args: list[str], name: str) -> str | None:
+    """Remove `name VALUE` or `name=VALUE` from args and return VALUE."""
+    for i, a in enumerate(args):
+        if a == name:
+            if i + 1 >= len(args):
+                raise UsageError(f"{name} needs a value")
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if a.startswith(name + "="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+def diagnose_command(args: list[str]) -> int:
+    """`python -m mm_lightning.cli diagnose ...`"""
+    from mm_lightning.diagnostics import figures
+
+    if "-h" in args or "--help" in args:
+        print(DIAGNOSE_USAGE)
+        return 0
+    args = list(args)
+    steps_text, figures_dir = _pop_option(args, "--steps"), _pop_option(args, "--save_figures")
+    if figures_dir and Path(figures_dir).exists() and not Path(figures_dir).is_dir():
+        raise UsageError(f"--save_figures {figures_dir} is a file; give a directory (it is created if missing)")
+    try:
+        steps = int(steps_text or 0)
+    except ValueError:
+        raise UsageError(f"--steps must be a whole number of training steps, got {steps_text!r}") from None
+    diagnosis = run_diagnosis(args, steps)
+    print(diagnosis)
+    if figures_dir:
+        out = Path(figures_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for tag, (data, _, _) in figures.render_pngs(diagnosis.snapshot, diagnosis.update_history).items():
+            (out / f"{tag.split('/')[-1]}.png").write_bytes(data)
+        print(f"figures written to {out}/")
+    return 1 if diagnosis.failing else 0
