@@ -84,3 +84,24 @@ def modules_are_hooked(modules: list[torch.nn.Module]) -> bool:
         return any(getattr(m, n) for n in names) or any(getattr(x, n) for x in modules for n in own)
     except AttributeError:
         return True
+
+
+# ------------------------------------------------------------------------------------------------ jsonargparse
+
+
+def usage_error_within(error: ValueError, kind: type[Exception]) -> Exception | None:
+    """The `kind` error (the project's one-line UsageError) that a class-path argument's constructor raised, from the
+    ValueError jsonargparse turns it into while it tries each type the argument allows. jsonargparse chains it as the
+    context, or keeps it only in a local list named `exceptions` of a frame in the traceback (its internals: no public
+    way to get it). Not found (a jsonargparse that keeps it elsewhere): None, and the caller shows the whole error,
+    never a wrong line. tests/test_reliability.py's bad --data.path cases check that it still finds it."""
+    cause = error.__context__
+    while cause is not None and not isinstance(cause, kind):
+        cause = cause.__context__
+    tb = error.__traceback__
+    while cause is None and tb is not None:
+        collected = tb.tb_frame.f_locals.get("exceptions")
+        if isinstance(collected, list):
+            cause = next((x for x in collected if isinstance(x, kind)), None)
+        tb = tb.tb_next
+    return cause

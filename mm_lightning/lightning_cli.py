@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn import BatchNorm1d
 
-from mm_lightning import preflight
+from mm_lightning import compat, preflight
 from mm_lightning.data import NamesDataModule
 from mm_lightning.diagnostics import TrainingDiagnostics
 from mm_lightning.errors import UsageError
@@ -78,21 +78,6 @@ def _after_existing_event_files(run_dir: Path) -> None:
     newest = max((int(s) for s in seconds if s.isdigit()), default=0)
     while int(time.time()) <= newest:
         time.sleep(0.05)
-
-
-def _usage_error_within(error: ValueError) -> UsageError | None:
-    """The UsageError jsonargparse collected while trying each type of a class-path argument (it raises a ValueError
-    listing them, holding them in its frame's `exceptions`, or chained as the context)."""
-    cause = error.__context__
-    while cause is not None and not isinstance(cause, UsageError):
-        cause = cause.__context__
-    tb = error.__traceback__
-    while cause is None and tb is not None:
-        collected = tb.tb_frame.f_locals.get("exceptions")
-        if isinstance(collected, list):
-            cause = next((x for x in collected if isinstance(x, UsageError)), None)
-        tb = tb.tb_next
-    return cause
 
 
 class MakemoreCLI(LightningCLI):
@@ -218,7 +203,7 @@ class MakemoreCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as e:  # jsonargparse wraps what a class-path DataModule raises: say the DataModule's line
-            cause = _usage_error_within(e)
+            cause = compat.usage_error_within(e, UsageError)
             if cause is None:
                 raise
             raise cause from None

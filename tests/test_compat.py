@@ -178,3 +178,34 @@ def test_run_checkpoint_on_a_lightning_without_its_private_names_is_model_checkp
     assert _last("runs")["global_step"] == 60
     assert _fit("runs", 90, "--ckpt_path", "last", "--data.steps_per_epoch", "30") == 0
     assert _last("runs")["global_step"] == 90
+
+
+
+class CompatData:
+    def __init__(self, path: str = "x.txt"):
+        self.path = path
+
+
+class BadCompatData(CompatData):
+    def __init__(self, path: str = "x.txt"):
+        from mm_lightning.errors import UsageError
+
+        raise UsageError(f"{path} is missing; copy names.txt there")
+
+
+def test_the_one_line_error_of_a_class_path_argument_is_found_inside_jsonargparses_wrapping():
+    """A class-path argument's constructor raising UsageError reaches the CLI as jsonargparse's ValueError (it tries
+    each type the argument allows); compat.usage_error_within must find the UsageError itself, whose line the CLI
+    prints. A jsonargparse that keeps it elsewhere fails here."""
+    from jsonargparse import ArgumentParser
+
+    from mm_lightning.errors import UsageError
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(CompatData, "data")
+    config = parser.parse_args(["--data", f"{__name__}.BadCompatData"])
+    with pytest.raises(ValueError) as raised:
+        parser.instantiate_classes(config)
+    assert type(raised.value) is ValueError  # wrapped: what the CLI gets
+    found = compat.usage_error_within(raised.value, UsageError)
+    assert isinstance(found, UsageError) and str(found) == "x.txt is missing; copy names.txt there"
