@@ -90,7 +90,10 @@ def test_verdicts():
     assert failing(_snapshot(loss=27.0), expected_loss=math.log(27)) == {"initial_loss"}
     assert failing(_snapshot(step=100, loss=27.0), expected_loss=math.log(27)) == set()  # step 0 only
     assert failing(_snapshot(sats=(0.45, 0.03))) == {"saturation"}
-    assert failing(_snapshot(stds=(0.62, 0.30))) == {"activation_std_ratio"}
+    three = {"sats": (0.03,) * 3, "gstds": (1e-3,) * 3}
+    assert failing(_snapshot(stds=(0.62, 0.45, 0.30), **three)) == {"activation_std_ratio"}  # layer by layer
+    assert failing(_snapshot(stds=(0.62, 0.30))) == set()  # one step: as PyTorch's default init behind a ReLU
+    assert failing(_snapshot(stds=(0.62, 0.10))) == {"activation_std_ratio"}
     assert failing(_snapshot(gstds=(1e-5, 1e-3))) == {"gradient_std_ratio"}
     assert failing(_snapshot(dead=0.2)) == {"dead_units"}
     low = {"w": [-4.5] * 10}

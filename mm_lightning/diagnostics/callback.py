@@ -628,6 +628,7 @@ class TrainingDiagnostics(Callback):
             frozen=frozen,
             output_layers=self.output_layers,
             normalised_groups=self._normalised,
+            history_steps={name: [i for i, _ in points[-window:]] for name, points in self.update_history.items()},
         )
         verdicts = judge(s, self.health, expected, history, context)
         self.last_snapshot, self.last_verdicts = s, verdicts
