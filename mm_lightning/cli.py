@@ -45,7 +45,7 @@ from mm_lightning.data import (
     NamesDataModule,
     download_names,
 )
-from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
+from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics
 from mm_lightning.errors import UsageError
 from mm_lightning.model import generate
 from mm_lightning.module import LR_TAG, MakemoreModule, NonFiniteLossError
@@ -583,7 +583,6 @@ def _interrupted_line(e: signals.Interrupted, argv: list[str], stopper: StopOnSi
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_noise()
-    tbwrite.speed_up()  # every TensorBoard event this process writes: a C checksum instead of a Python one
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("MM_LIGHTNING_DEBUG"))
     argv = [a for a in argv if a != "--debug"]
