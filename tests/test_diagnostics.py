@@ -275,6 +275,24 @@ def test_callback_on_another_lightning_module(tmp_path):
     assert diagnostics.last_snapshot.step == 10
 
 
+@pytest.mark.slow  # the worker imports matplotlib for the figure: 2-6 s
+def test_the_worker_does_not_hold_the_scripts_stderr_and_its_messages_still_arrive(capsys):
+    """A worker that inherited the training process's stderr kept a script's output open (a shell pipe, `tee`,
+    subprocess.run) until its last figure was written, 0.7-5 s after the script had exited. Its stderr is now a pipe
+    of its own, whose lines (a figure that failed) are copied to the training process's stderr."""
+    from mm_lightning.diagnostics.worker import Worker
+
+    w = Worker(warm=False)
+    try:
+        assert os.readlink(f"/proc/{w.process.pid}/fd/2") != os.readlink("/proc/self/fd/2")
+        w.submit(("figures", 7, (None, {}, ("png", "unused"))))  # no snapshot: the figure fails in the worker
+        assert [(kind, step) for kind, step, _ in w.ready(wait=60)] == [("figures", 7)]
+    finally:
+        w.finish()
+        assert w.wait(60)
+    assert "[diagnostics] figures of step 7 failed: AttributeError" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_worker_does_not_outlive_a_killed_trainer(tmp_path):
     script = (
