@@ -8,11 +8,14 @@ silent (or passes, saying "not judged" and why) where it does not; `Context` tel
 - activation and gradient std ratios: within one kind of layer in one part of the model, and only where that part
   has no normalisation layer. Gain decides the scale only without normalisation (the lecture's point: with
   BatchNorm the gain hardly matters); a residual stream behind LayerNorms grows with depth by design (a pre-LN
-  residual MLP at init: 0.23 -> 0.62; GPT-style models after a few dozen steps).
+  residual MLP at init: 0.23 -> 0.62; GPT-style models after a few dozen steps). Two layers of a kind get a wider
+  band than a stack: one step from the input's scale is not a gain compounding (PyTorch's default init, 0.39).
 - update ratio: weights with a gradient (a frozen parameter left in the optimizer is said so, not "barely learns"),
   with a band per optimizer family (SGD: the lecture's; Adam-like: its own, see HealthThresholds), judged at the
   learning rate the user set (a warm-up or a decayed schedule is not "barely learns"), and "too high" only while the
-  ratio is not falling (a parameter growing out of a tiny init, like a ViT's cls_token, starts high by design).
+  ratio is not falling (a parameter growing out of a tiny init, like a ViT's cls_token, starts high by design),
+  except under an Adam-like learning rate at or above the weights' natural scale 1/sqrt(fan_in): reported at once.
+  "Barely learns" on a weight far above any init's scale names the init, not the learning rate.
 
 The defaults are calibrated on the lecture's stories at init: the deep BatchNorm net (tanh std 0.64, 3% saturated)
 and the 5/3-gain net without BatchNorm (first layer 20% saturated) pass; gain 1 without BatchNorm (activations
