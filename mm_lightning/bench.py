@@ -254,10 +254,8 @@ def eval_throughput(x, y, config: MLPConfig, device: str, repeats: int = 5) -> f
 
 def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str, compiled: bool = True) -> list[dict]:
     from mm_lightning.cli import _quiet_noise
-    from mm_lightning.diagnostics import tbwrite
 
     _quiet_noise()
-    tbwrite.speed_up()  # as `python -m mm_lightning.cli` does
     dm = NamesDataModule(path=data_path)
     dm.setup()
     (xtr, ytr), (xva, yva) = dm.splits["train"], dm.splits["val"]

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mm_lightning import preflight, signals
 from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, download_names
-from mm_lightning.diagnostics import DiagnosticsConfigError, tbwrite
+from mm_lightning.diagnostics import DiagnosticsConfigError
 from mm_lightning.errors import UsageError
 from mm_lightning.lightning_cli import MakemoreCLI, _quiet_noise, printable
 from mm_lightning.model import generate
@@ -198,7 +198,6 @@ def _interrupted_line(e: signals.Interrupted, argv: list[str], stopper: StopOnSi
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_noise()
-    tbwrite.speed_up()  # every TensorBoard event this process writes: a C checksum instead of a Python one
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("MM_LIGHTNING_DEBUG"))
     argv = [a for a in argv if a != "--debug"]

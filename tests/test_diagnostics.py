@@ -90,7 +90,10 @@ def test_verdicts():
     assert failing(_snapshot(loss=27.0), expected_loss=math.log(27)) == {"initial_loss"}
     assert failing(_snapshot(step=100, loss=27.0), expected_loss=math.log(27)) == set()  # step 0 only
     assert failing(_snapshot(sats=(0.45, 0.03))) == {"saturation"}
-    assert failing(_snapshot(stds=(0.62, 0.30))) == {"activation_std_ratio"}
+    three = {"sats": (0.03,) * 3, "gstds": (1e-3,) * 3}
+    assert failing(_snapshot(stds=(0.62, 0.45, 0.30), **three)) == {"activation_std_ratio"}  # layer by layer
+    assert failing(_snapshot(stds=(0.62, 0.30))) == set()  # one step: as PyTorch's default init behind a ReLU
+    assert failing(_snapshot(stds=(0.62, 0.10))) == {"activation_std_ratio"}
     assert failing(_snapshot(gstds=(1e-5, 1e-3))) == {"gradient_std_ratio"}
     assert failing(_snapshot(dead=0.2)) == {"dead_units"}
     low = {"w": [-4.5] * 10}
@@ -270,6 +273,24 @@ def test_callback_on_another_lightning_module(tmp_path):
         logged = [v for s, v in tags[flat_tag("update/log10_ratio/net.0.weight")] if s == step][0]
         assert logged == pytest.approx(model.changes[step]["net.0.weight"], abs=1e-4)
     assert diagnostics.last_snapshot.step == 10
+
+
+@pytest.mark.slow  # the worker imports matplotlib for the figure: 2-6 s
+def test_the_worker_does_not_hold_the_scripts_stderr_and_its_messages_still_arrive(capsys):
+    """A worker that inherited the training process's stderr kept a script's output open (a shell pipe, `tee`,
+    subprocess.run) until its last figure was written, 0.7-5 s after the script had exited. Its stderr is now a pipe
+    of its own, whose lines (a figure that failed) are copied to the training process's stderr."""
+    from mm_lightning.diagnostics.worker import Worker
+
+    w = Worker(warm=False)
+    try:
+        assert os.readlink(f"/proc/{w.process.pid}/fd/2") != os.readlink("/proc/self/fd/2")
+        w.submit(("figures", 7, (None, {}, ("png", "unused"))))  # no snapshot: the figure fails in the worker
+        assert [(kind, step) for kind, step, _ in w.ready(wait=60)] == [("figures", 7)]
+    finally:
+        w.finish()
+        assert w.wait(60)
+    assert "[diagnostics] figures of step 7 failed: AttributeError" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def first_failure(diag: Recording, check: str):
 
 def healthy_cases(names_file):
     """id -> (model, data, steps, every_n_steps): 200 steps each, sampled 20 times (the GPTs: the first 200 steps of
-    a 2000-step schedule, at the full learning rate after warm-up)."""
+    a 2000-step schedule, at the full learning rate after warm-up); the default-init MLPs 300 steps."""
     text = zoo.name_windows(names_file, 8)
     return {
         "lecture-mlp-sgd": (lambda: zoo.LectureMLP(), lambda: zoo.loader(*text), 200, 10),
@@ -85,6 +85,9 @@ def healthy_cases(names_file):
         "lstm-adam": (lambda: zoo.Recurrent(nn.LSTM), lambda: zoo.loader(*zoo.sequences()), 200, 10),
         "vae-sigmoid-bce": (lambda: zoo.VAE(), lambda: zoo.loader(*zoo.binary_images()), 200, 10),
         "frozen-backbone": (lambda: zoo.FrozenBackbone(), lambda: zoo.loader(*zoo.features()), 200, 10),
+        # PyTorch's default init, AdamW 1e-3: the activations' std ratio goes 0.39 (0.30) -> 1.8 (1.9) by step 290
+        "default-init-relu-mlp": (lambda: zoo.DefaultInitMLP(nn.ReLU), lambda: zoo.loader(*zoo.features()), 300, 10),
+        "default-init-gelu-mlp": (lambda: zoo.DefaultInitMLP(nn.GELU), lambda: zoo.loader(*zoo.features()), 300, 10),
     }
 
 
@@ -116,6 +119,8 @@ def test_healthy_lecture_mlp_short(names_file):
         "lstm-adam",
         "vae-sigmoid-bce",
         "frozen-backbone",
+        "default-init-relu-mlp",
+        "default-init-gelu-mlp",
     ],
 )
 def test_healthy_zoo_raises_nothing(names_file, case):
@@ -125,7 +130,28 @@ def test_healthy_zoo_raises_nothing(names_file, case):
     assert diag.samples[-1].loss < diag.samples[0].loss, "it trains"
 
 
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU])
+def test_default_init_two_layer_mlp_is_not_shrinking_at_init(act):
+    """Fast: PyTorch's default nn.Linear init shrinks one step by ~sqrt(1/6) behind a ReLU (0.34 -> 0.13 here; the
+    old rule's band [0.6, 1/0.6] called it 'activations shrink'). The truth: the same stds from the model itself."""
+    model, (x, y) = zoo.DefaultInitMLP(act), zoo.features()
+    with torch.no_grad():
+        expected = [model.net[:2](x[:32]).std().item(), model.net[:4](x[:32]).std().item()]
+    diag = train(model, zoo.loader(x, y, shuffle=False), 1, 1)
+    stds = [x.std for x in diag.samples[0].layers]
+    assert stds == pytest.approx(expected, rel=1e-5) and stds[1] / stds[0] < 0.6
+    assert diag.failing == []
+
+
 # ------------------------------------------------------------------------------------------------- broken zoo
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU])
+def test_broken_tiny_init_shrinks(act):
+    """Fast: the same two layers at a tenth of the default init's scale shrink by 0.11 (ReLU), 0.13 (GELU)."""
+    diag = train(zoo.DefaultInitMLP(act, scale=0.1), zoo.loader(*zoo.features()), 1, 1)
+    step, _, subject, message = first_failure(diag, "activation_std_ratio")
+    assert (step, subject) == (0, f"net {act.__name__}") and "activations shrink" in message
 
 
 def test_broken_huge_init_saturates_the_first_tanh():
@@ -188,6 +214,35 @@ def test_broken_learning_rate_1e7_barely_learns(optimizer):
     diag = train(zoo.MLP(lr=1e-7, optimizer=optimizer), zoo.loader(*zoo.features()), 12, 1)
     step, _, subject, message = first_failure(diag, "update_ratio")
     assert step == 9 and subject == "net.0.weight" and "raise the learning rate" in message  # the 10th sample
+
+
+def test_broken_learning_rate_100_under_adamw_is_too_high_at_once():
+    """AdamW at lr 100 replaces the weights every step (their update ratio +2.8 at step 0, then lr x weight decay
+    = 1 zeroes them): no NaN appears, and the sustained-window rule never saw it (the ratio falls)."""
+    diag = train(zoo.DefaultInitMLP(lr=100.0), zoo.loader(*zoo.features()), 2, 1)
+    step, _, subject, message = first_failure(diag, "update_ratio")
+    assert (step, subject) == (0, "net.0.weight") and "the learning rate is too high" in message
+
+
+@pytest.mark.slow
+def test_broken_huge_weights_under_adamw_name_the_init_not_the_learning_rate():
+    """Default init x100 under AdamW 1e-3: the update ratio is -4.5 because the weights are huge (58x 1/sqrt(fan_in),
+    checked here from the model's own weights); raising the learning rate is the wrong fix."""
+    model = zoo.DefaultInitMLP(scale=100.0)
+    scale = model.net[0].weight.std().item() * 16**0.5
+    diag = train(model, zoo.loader(*zoo.features()), 120, 20)
+    step, _, subject, message = first_failure(diag, "update_ratio")
+    assert (step, subject) == (100, "net.0.weight") and scale > 50
+    assert "scale its init down" in message and "raise the learning rate" not in message
+
+
+@pytest.mark.slow
+def test_update_ratio_window_fits_a_short_sparsely_sampled_run():
+    """Sampled every 20 steps over 200, lr 1e-7 is 'barely learns' once 100 steps are covered (6 samples), not only
+    at the run's last sample (the 10th, step 180)."""
+    diag = train(zoo.MLP(lr=1e-7, optimizer="adamw"), zoo.loader(*zoo.features()), 200, 20)
+    step, _, subject, message = first_failure(diag, "update_ratio")
+    assert (step, subject) == (100, "net.0.weight") and "for 6 samples" in message
 
 
 @pytest.mark.slow

@@ -445,3 +445,34 @@ class WithEMA(MLP):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.net.parameters(), lr=0.1)
+
+
+class DefaultInitMLP(L.LightningModule):
+    """Linear -> activation, twice, then a Linear head, with PyTorch's default nn.Linear init (kaiming_uniform with
+    a=sqrt(5): weights of std 1/sqrt(3 fan_in)) and AdamW 1e-3: the most common recipe there is. Each hidden layer
+    shrinks the activations' scale (by ~sqrt(1/6) behind a ReLU) at init, harmlessly in so shallow a stack."""
+
+    num_classes = 4
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU, depth: int = 2, width: int = 64, lr: float = 1e-3, scale=1.0):
+        """scale: every parameter times this after the default init (broken: x100 huge, x0.1 tiny)."""
+        super().__init__()
+        self.lr = lr
+        mods, w = [], 16
+        for _ in range(depth):
+            mods += [nn.Linear(w, width), act()]
+            w = width
+        self.net = nn.Sequential(*mods, nn.Linear(w, 4))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.mul_(scale)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)

@@ -1,31 +1,14 @@
-"""Writing to TensorBoard event files cheaply: many scalars in one event, raw histograms, PNG images, and a C CRC.
+"""Writing to TensorBoard event files cheaply: many scalars in one event, raw histograms, PNG images.
 
-TensorBoard's record writer checksums every event with a pure-Python CRC32C (0.1 us a byte, in its writer
-thread, holding the GIL): a 5 kB event of diagnostics takes 0.5 ms from the training thread. speed_up() swaps in
-google-crc32c's C implementation (the same checksum, ~1000x faster) when it is installed.
+TensorBoard's record writer checksums every event with a pure-Python CRC32C in its writer thread, holding the GIL:
+a sample's 5 kB scalar event costs the training thread ~0.5-0.7 ms (measured: 0.7 ms on a loaded 2-core machine),
+under 0.5% of the 100 lecture steps (~1.6 ms each) between two samples at the defaults. The writer is the logger's,
+not this package's, so its checksum is left as TensorBoard has it (no process-wide swap of TensorBoard's function).
 """
 
 from __future__ import annotations
 
 from .snapshot import Histogram
-
-
-def speed_up() -> bool:
-    """Use a C CRC32C for every event TensorBoard writes in this process; True if it could."""
-    try:
-        import google_crc32c
-        from tensorboard.summary.writer import record_writer
-    except ImportError:
-        return False
-    if google_crc32c.implementation != "c":
-        return False
-
-    def masked_crc32c(data: bytes) -> int:
-        crc = google_crc32c.value(data)
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF  # TFRecord's masking
-
-    record_writer.masked_crc32c = masked_crc32c
-    return True
 
 
 def add_scalars(writer, scalars: dict[str, float], step: int) -> None:

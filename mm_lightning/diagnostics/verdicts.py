@@ -8,11 +8,14 @@ silent (or passes, saying "not judged" and why) where it does not; `Context` tel
 - activation and gradient std ratios: within one kind of layer in one part of the model, and only where that part
   has no normalisation layer. Gain decides the scale only without normalisation (the lecture's point: with
   BatchNorm the gain hardly matters); a residual stream behind LayerNorms grows with depth by design (a pre-LN
-  residual MLP at init: 0.23 -> 0.62; GPT-style models after a few dozen steps).
+  residual MLP at init: 0.23 -> 0.62; GPT-style models after a few dozen steps). Two layers of a kind get a wider
+  band than a stack: one step from the input's scale is not a gain compounding (PyTorch's default init, 0.39).
 - update ratio: weights with a gradient (a frozen parameter left in the optimizer is said so, not "barely learns"),
   with a band per optimizer family (SGD: the lecture's; Adam-like: its own, see HealthThresholds), judged at the
   learning rate the user set (a warm-up or a decayed schedule is not "barely learns"), and "too high" only while the
-  ratio is not falling (a parameter growing out of a tiny init, like a ViT's cls_token, starts high by design).
+  ratio is not falling (a parameter growing out of a tiny init, like a ViT's cls_token, starts high by design),
+  except under an Adam-like learning rate at or above the weights' natural scale 1/sqrt(fan_in): reported at once.
+  "Barely learns" on a weight far above any init's scale names the init, not the learning rate.
 
 The defaults are calibrated on the lecture's stories at init: the deep BatchNorm net (tanh std 0.64, 3% saturated)
 and the 5/3-gain net without BatchNorm (first layer 20% saturated) pass; gain 1 without BatchNorm (activations
@@ -55,8 +58,18 @@ class HealthThresholds:
     """Values per unit (batch x positions) from which max_dead applies to unbounded activations: a conv channel
     over a batch of 32 8x8 images has 2048, a Linear's unit over a batch of 32 has 32."""
     activation_std_ratio: float = 0.6
-    """std of the last watched layer's output over the first's must lie in [r, 1/r]: beyond, activations shrink
-    (or grow) layer by layer. Compared within one kind of layer in one part of the model only."""
+    """std of the last watched layer's output over the first's must lie in [r, 1/r] in a stack of three or more
+    layers of one kind: beyond, activations shrink (or grow) layer by layer. Compared within one kind of layer in one
+    part of the model only. The lecture: gain 1 without BatchNorm shrinks 0.62 -> 0.31 over five tanh layers."""
+    activation_std_ratio_pair: float = 0.2
+    """The same band, [r, 1/r], for two layers of one kind (one step). Their ratio is not a gain compounding layer
+    by layer: the first layer's scale is set by the input (normalised features, an embedding of std 1), the second's
+    by the network, and PyTorch's default nn.Linear init (kaiming_uniform, a=sqrt(5): weights of std
+    1/sqrt(3 fan_in)) shrinks one step by sqrt(1/6) = 0.41 behind a ReLU, the most common recipe there is. Measured
+    (tests/zoo_models.DefaultInitMLP, AdamW 1e-3, loss 1.39 -> 0.09 in 300 steps): 0.39 (ReLU) and 0.30 (GELU) at
+    init, up to 1.8 (ReLU) and 1.9 (GELU) as it trains. The same two layers at a tenth of that init's scale shrink
+    by 0.11 (ReLU), 0.13 (GELU): caught. A stack of three or more is judged by the lecture's band: PyTorch's default
+    init does shrink layer by layer there (0.37 -> 0.13 -> 0.07 behind ReLUs)."""
     gradient_std_ratio: float = 10.0
     """std of the first watched layer's output gradient over the last's must lie in [1/r, r]: beyond, gradients
     vanish (or explode) on their way back. Compared within one kind of layer in one part of the model only."""
@@ -82,7 +95,25 @@ class HealthThresholds:
     """A ratio that fell by more than this (log10) over the window is settling, not "too high": a parameter
     growing from a tiny or zero init (a cls_token of std 1e-6, a position embedding of zeros) starts far above."""
     update_ratio_window: int = 10
-    """Consecutive sampled steps an update ratio must stay out of range before it is reported."""
+    """Consecutive sampled steps an update ratio must stay out of range before it is reported, or fewer (at least
+    update_ratio_min_samples) where they span update_ratio_window_steps optimizer steps: sampled every 20 steps, a
+    200-step run has 10 samples, the last at step 180; the step span judges it at step 100."""
+    update_ratio_window_steps: int = 100
+    """Optimizer steps an update ratio out of range over consecutive samples is reported after (see above)."""
+    update_ratio_min_samples: int = 3
+    """Fewest consecutive samples an update ratio is judged on (sampled every 50 steps: at step 100)."""
+    adaptive_lr_per_weight_scale: float = 0.0
+    """Adam-like optimizers: log10(lr set x sqrt(fan_in)) at or above this, with the update ratio above the band, is
+    reported at once ("learning rate too high"), unsustained, falling or not. Adam moves each weight by about lr a
+    step; a layer keeping its output's scale has weights of about 1/sqrt(fan_in) (PyTorch's default: 0.58 of it), so
+    lr at that scale replaces the weights each step. AdamW at lr 100 on a 16-input layer: +2.6 (its weights are
+    replaced, then decayed to zero: lr x weight decay = 1). Healthy: a ViT's cls_token (std 1e-6, 32 features) at lr
+    1e-3 starts with an update ratio of +3 but sits at -2.2 here; nanoGPT-style at 1e-3, fan_in 128: -1.9."""
+    max_weight_scale: float = 30.0
+    """A weight whose std is above this many times 1/sqrt(fan_in) is far above any init's scale (PyTorch's default:
+    0.58, kaiming for ReLU 1.41, an nn.Embedding's N(0, 1) with 64 features: 8): a "barely learns" verdict there
+    names the init, not the learning rate. Default init x100 under AdamW 1e-3: 58, its update ratio -4.5 because the
+    weights are huge, not because the learning rate is small."""
     initial_loss_tolerance: float = 0.5
     """Largest |loss at step 0 - ln(classes)|: a bigger gap means the initial predictions are confidently wrong."""
 
@@ -138,6 +169,8 @@ class Context:
     """watched layers after which no parameterised module runs: the model's output, saturated on purpose"""
     normalised_groups: set[str] = field(default_factory=set)
     """parts of the model (see select.groups) that hold a normalisation layer (*Norm*): std ratios not judged"""
+    history_steps: dict[str, list[int]] = field(default_factory=dict)
+    """parameter -> the step of each sample of the update history (aligned with it): the window's span in steps"""
 
 
 @dataclass
@@ -217,7 +250,8 @@ def judge(
         normalised = group in c.normalised_groups
         if len(same) >= 2 and first.std > 0 and math.isfinite(last.std):
             r = last.std / first.std
-            lo, hi = t.activation_std_ratio, 1 / t.activation_std_ratio
+            band = t.activation_std_ratio if len(same) >= 3 else t.activation_std_ratio_pair
+            lo, hi = band, 1 / band
             ok = normalised or lo <= r <= hi
             message = f"activation std {first.std:.3f} -> {last.std:.3f} from {first.name} to {last.name} ({kind})"
             if normalised:
@@ -297,31 +331,63 @@ def _update_ratios(weights, t: HealthThresholds, history, c: Context, judged_by_
             if family == "adaptive"
             else (t.update_ratio_low, t.update_ratio_high)
         )
-        recent = history.get(p.name, [])[-t.update_ratio_window :]
-        shortfall = c.lr_shortfall.get(p.name, [])[-t.update_ratio_window :]
+        values = history.get(p.name, [])
+        n = _window(values, c.history_steps.get(p.name, []), t)
+        recent = values[-n:]
+        shortfall = c.lr_shortfall.get(p.name, [])[-n:]
         if len(shortfall) != len(recent):
             shortfall = [0.0] * len(recent)
         at_set_lr = [v + s for v, s in zip(recent, shortfall)]  # as if the schedule ran at the learning rate set
-        full = len(recent) >= t.update_ratio_window
+        full = len(recent) >= n
         too_low = full and all(v < low for v in at_set_lr)
         lr_set = c.lr_set.get(p.name)
-        if family == "adaptive" and lr_set is not None and p.data_std > 0 and math.isfinite(p.data_std):
+        sized = p.data_std > 0 and math.isfinite(p.data_std)
+        if family == "adaptive" and lr_set is not None and sized:
             too_low = too_low and math.log10(lr_set / p.data_std) < low  # noisy gradients shrink Adam's steps too
         falling = full and recent[0] - recent[-1] > t.update_ratio_falling
         too_high = full and all(v > high for v in recent) and not falling
+        fan_in = math.prod(p.shape[1:])
+        # Adam moves each weight by about lr: at or above the weights' natural scale 1/sqrt(fan_in), at once
+        lr_vs_scale = math.log10(lr_set * math.sqrt(fan_in)) if family == "adaptive" and lr_set else -math.inf
+        swamped = current is not None and current > high and lr_vs_scale >= t.adaptive_lr_per_weight_scale
+        weight_scale = p.data_std * math.sqrt(fan_in) if sized else 0.0  # std in units of 1/sqrt(fan_in)
         message = f"{p.name} log10(update:data) {shown}"
-        if too_low:
-            scheduled = any(abs(s) > 0.05 for s in shortfall)
+        if swamped:
             message += (
-                f", below {low:g} for {len(recent)} samples"
-                + (" (at the learning rate set, not the schedule's)" if scheduled else "")
-                + ": it barely learns; raise the learning rate"
+                f", above {high:g} at lr {lr_set:g}: Adam moves each weight by about the learning rate a step, "
+                f"{10**lr_vs_scale:.3g}x the scale 1/sqrt(fan_in) = {1 / math.sqrt(fan_in):.3g} of weights that keep "
+                "their layer's output scale, so every step replaces the weights: the learning rate is too high; "
+                f"lower it (well below {1 / math.sqrt(fan_in):.2g})"
             )
+        elif too_low:
+            scheduled = any(abs(s) > 0.05 for s in shortfall)
+            message += f", below {low:g} for {len(recent)} samples" + (
+                " (at the learning rate set, not the schedule's)" if scheduled else ""
+            )
+            if weight_scale > t.max_weight_scale:
+                message += (
+                    f": it barely learns because its weights are huge (std {p.data_std:.3g}, {weight_scale:.0f}x the "
+                    "scale 1/sqrt(fan_in) that keeps a layer's output scale), not because the learning rate is low; "
+                    "scale its init down (std about 1/sqrt(fan_in))"
+                )
+            else:
+                message += ": it barely learns; raise the learning rate"
         elif too_high:
             band = "Adam-like" if family == "adaptive" else "SGD"
             message += (
                 f", above {high:g} for {len(recent)} samples and not settling ({band} band): it changes too fast; "
                 "lower the learning rate"
             )
+        too_high = too_high or swamped
         out.append(Verdict("update_ratio", p.name, not (too_low or too_high), message))
     return out
+
+
+def _window(values: list[float], steps: list[int], t: HealthThresholds) -> int:
+    """How many of the latest samples an update ratio is judged on: update_ratio_window, or fewer (at least
+    update_ratio_min_samples) where they already span update_ratio_window_steps steps (sampled sparsely)."""
+    if len(steps) == len(values):
+        for n in range(t.update_ratio_min_samples, min(t.update_ratio_window, len(steps)) + 1):
+            if steps[-1] - steps[-n] >= t.update_ratio_window_steps:
+                return n
+    return t.update_ratio_window
