@@ -51,6 +51,7 @@ from mm_lightning.model import generate
 from mm_lightning.module import LR_TAG, MakemoreModule, NonFiniteLossError
 from mm_lightning.nonfinite import StopOnNonFiniteLoss
 from mm_lightning.progress import StepProgressBar
+from mm_lightning.runlogger import RunLogger
 from mm_lightning.runs import (
     RUNS_DIRNAME,
     ResumedRunLogs,
@@ -273,7 +274,7 @@ class MakemoreCLI(LightningCLI):
         kwargs["callbacks"] = [*callbacks, LearningRateMonitor(logging_interval="step"), self.stop_on_signal]
         return super().instantiate_trainer(**kwargs)
 
-    def _run_logger(self, root_dir) -> TensorBoardLogger | bool:
+    def _run_logger(self, root_dir) -> RunLogger | bool:
         """TensorBoard in the run's directory: a freshly claimed one, or the resumed run's own (predict logs
         nothing: it would only leave an empty event file there)."""
         if self.subcommand == "predict":
@@ -306,7 +307,7 @@ class MakemoreCLI(LightningCLI):
         else:
             return False  # evaluating a checkpoint from outside a run: results are printed only
         os.environ[VERSION_ENV] = str(version)
-        return TensorBoardLogger(
+        return RunLogger(  # TensorBoard with the losses on top (mm_lightning/runlogger.py)
             save_dir=runs.parent, name=RUNS_DIRNAME, version=version, default_hp_metric=False, **extra
         )
 

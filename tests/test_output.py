@@ -51,3 +51,21 @@ def test_sample_without_a_run_says_to_train_one(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "train one first (python -m mm_lightning.cli fit)" in err and "drop --ckpt_path" not in err, err
     assert err.count("\n") == 1
+
+
+def test_tensorboard_files_the_losses_in_a_group_that_sorts_first(tmp_path):
+    """TensorBoard opens the first two groups in its name order (digits first): the losses go to "0 loss", before
+    the diagnostics' "1 activations"; the metric keeps its name elsewhere (tests/test_browser.py: the page)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm_lightning.runlogger import RunLogger
+
+    logger = RunLogger(save_dir=tmp_path, name="lightning_logs", version=0)
+    metrics = {"train/loss": 2.5, "val/loss": 2.4, "test/loss": 2.3, "train/lr": 0.1, "epoch": 0, "health/x_loss": 1}
+    logger.log_metrics(metrics, step=7)
+    logger.finalize("success")
+    acc = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    acc.Reload()
+    tags = sorted(acc.Tags()["scalars"])
+    assert tags == ["0 loss/test/loss", "0 loss/train/loss", "0 loss/val/loss", "epoch", "health/x_loss", "train/lr"]
+    assert [(e.step, e.value) for e in acc.Scalars("0 loss/train/loss")] == [(7, 2.5)]
