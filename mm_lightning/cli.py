@@ -452,7 +452,9 @@ DIAGNOSE_USAGE = """usage: python -m mm_lightning.cli diagnose [--config FILE] [
 
 Build the data and the model exactly as `fit` would (same --config, --model.*, --data.*, --diagnostics.*), train
 K steps (default 0: at init), then print the lecture's per-layer tables for step K and the health verdicts.
-Exit status 1 when a verdict fails. --save_figures DIR writes the four lecture figures there as PNG files."""
+Training samples every --diagnostics.every_n_steps N steps as fit does (figure 4: the update ratios at 0, N, ...,
+K); K is then a multiple of N. Exit status 1 when a verdict fails. --save_figures DIR writes the four lecture
+figures there as PNG files."""
 
 
 def _pop_option(args: list[str], name: str) -> str | None:
