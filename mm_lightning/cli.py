@@ -46,7 +46,7 @@ from mm_lightning.data import (
     download_names,
 )
 from mm_lightning.diagnostics import DiagnosticsConfigError, TrainingDiagnostics, tbwrite
-from mm_lightning.errors import UsageError
+from mm_lightning.errors import NothingToDo, UsageError
 from mm_lightning.model import generate
 from mm_lightning.module import LR_TAG, MakemoreModule, NonFiniteLossError
 from mm_lightning.nonfinite import StopOnNonFiniteLoss
@@ -160,7 +160,8 @@ class MakemoreCLI(LightningCLI):
             return
         config = self.config[subcommand]
         runs = runs_dir(config.trainer.default_root_dir)
-        path = find_last(runs) if config.ckpt_path == "last" else Path(config.ckpt_path)
+        given = config.ckpt_path
+        path = find_last(runs) if given == "last" else Path(given)
         checkpoint = load_checkpoint(path)
         version = version_of(path, runs)
         run_config = path.parent.parent / "config.yaml"
@@ -183,6 +184,14 @@ class MakemoreCLI(LightningCLI):
             preflight.check_resumable(checkpoint, path)
             preflight.check_resumed_data(checkpoint, config.data.as_dict(), path, run_config)
         self.resume = Resume(path, version, int(checkpoint.get("global_step", 0)), hparams["net"]["vocab"])
+        step, max_steps = self.resume.global_step, config.trainer.max_steps
+        if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= step:  # (Lightning would say only
+            where = f"run {path.parent.parent}" if version is not None else str(path)  # "max_steps=N reached")
+            raise NothingToDo(
+                f"fit: {where} is already complete at step {step} (--trainer.max_steps {max_steps}): nothing to "
+                f"train; to train further, give a larger --trainer.max_steps, e.g. `fit --ckpt_path {given} "
+                f"--trainer.max_steps {2 * max(step, 1)}`"
+            )
         if _is_rank_zero():
             written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
             where = f"run {path.parent.parent}" if version is not None else "checkpoint"
@@ -672,6 +681,10 @@ def _command(argv: list[str], debug: bool) -> int:
             file=sys.stderr,
         )
         return 128 + signal.SIGTERM
+    except NothingToDo as e:  # 0: the run is where it was asked to be (a loop or reproduce continuing it is done)
+        if _is_rank_zero():
+            print(e, flush=True)
+        return 0
     except (UsageError, MisconfigurationException) as e:
         if debug:
             raise
