@@ -115,6 +115,7 @@ class MakemoreCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True, stop_on_signal: StopOnSignal | None = None):
         self._argv = list(args)
         self.resume: Resume | None = None
+        self.complete: str | None = None  # fit resuming a run already at its max_steps: the line that says so
         self.stop_on_signal = stop_on_signal or StopOnSignal()
         super().__init__(
             MakemoreModule,
@@ -161,7 +162,7 @@ class MakemoreCLI(LightningCLI):
         config = self.config[subcommand]
         runs = runs_dir(config.trainer.default_root_dir)
         given = config.ckpt_path
-        path = find_last(runs) if given == "last" else Path(given)
+        path = find_last(runs, subcommand) if given == "last" else Path(given)
         checkpoint = load_checkpoint(path)
         version = version_of(path, runs)
         run_config = path.parent.parent / "config.yaml"
@@ -187,12 +188,12 @@ class MakemoreCLI(LightningCLI):
         step, max_steps = self.resume.global_step, config.trainer.max_steps
         if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= step:  # (Lightning would say only
             where = f"run {path.parent.parent}" if version is not None else str(path)  # "max_steps=N reached")
-            raise NothingToDo(
+            self.complete = (  # said once the data is checked too (after_instantiate_classes)
                 f"fit: {where} is already complete at step {step} (--trainer.max_steps {max_steps}): nothing to "
                 f"train; to train further, give a larger --trainer.max_steps, e.g. `fit --ckpt_path {given} "
                 f"--trainer.max_steps {2 * max(step, 1)}`"
             )
-        if _is_rank_zero():
+        elif _is_rank_zero():
             written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
             where = f"run {path.parent.parent}" if version is not None else "checkpoint"
             print(f"{subcommand}: {where} at step {self.resume.global_step} ({path}, written {written})", flush=True)
@@ -253,6 +254,8 @@ class MakemoreCLI(LightningCLI):
                 f"{self.resume.checkpoint} was trained on a {len(self.resume.vocab)}-character vocabulary but "
                 f"{self.datamodule.path} gives {len(self.datamodule.vocab)}; use the run's --data.path"
             )
+        if self.complete is not None:  # before the run is locked or written to
+            raise NothingToDo(self.complete)
         if self.resume is not None and self.resume.version is not None and self.subcommand == "fit":
             if _is_rank_zero():  # one writer per run: a second fit is refused
                 lock_run(self.resume.checkpoint.parent.parent)

@@ -54,6 +54,20 @@ def test_sample_without_a_run_says_to_train_one(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["validate", "test", "fold-batchnorm"])
+def test_evaluating_without_a_run_says_to_train_one(tmp_path, monkeypatch, capsys, command):
+    """An evaluation cannot start a new run: the hint is to train one (it said "drop --ckpt_path to start a new
+    run", fit's hint), with the command's own option for where runs are."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--out", "folded.ckpt"] if command == "fold-batchnorm" else ["--ckpt_path", "last"]
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err
+    assert f"no trained run for {command}: " in err and "train one first (python -m mm_lightning.cli fit)" in err
+    assert "drop --ckpt_path" not in err and err.count("\n") == 1, err
+    where = "--root_dir DIR" if command == "fold-batchnorm" else "--trainer.default_root_dir DIR"
+    assert f"({where} if the runs are elsewhere)" in err, err
+
+
 def test_tensorboard_files_the_losses_in_a_group_that_sorts_first(tmp_path):
     """TensorBoard opens the first two groups in its name order (digits first): the losses go to "0 loss", before
     the diagnostics' "1 activations"; the metric keeps its name elsewhere (tests/test_browser.py: the page)."""
