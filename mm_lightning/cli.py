@@ -28,8 +28,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mm_lightning import preflight, signals
 from mm_lightning.data import DEFAULT_PATH, NAMES_SHA256, download_names
 from mm_lightning.diagnostics import DiagnosticsConfigError
-from mm_lightning.errors import UsageError
-from mm_lightning.lightning_cli import MakemoreCLI, _quiet_noise, printable
+from mm_lightning.errors import NothingToDo, UsageError
+from mm_lightning.lightning_cli import MakemoreCLI, _is_rank_zero, _quiet_noise, printable
 from mm_lightning.model import generate
 from mm_lightning.module import NonFiniteLossError
 from mm_lightning.resume import _refuse_changed_model  # noqa: F401 (where the tests and users found it)
@@ -283,6 +283,10 @@ def _command(argv: list[str], debug: bool) -> int:
             file=sys.stderr,
         )
         return 128 + signal.SIGTERM
+    except NothingToDo as e:  # 0: the run is where it was asked to be (a loop or reproduce continuing it is done)
+        if _is_rank_zero():
+            print(e, flush=True)
+        return 0
     except (UsageError, MisconfigurationException) as e:
         if debug:
             raise

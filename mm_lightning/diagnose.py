@@ -139,6 +139,20 @@ def run_diagnosis(args: list[str], steps: int) -> Diagnosis:
         lightning_log.setLevel(level)
 
 
+def _sampling_interval(steps: int, every_n_steps: int) -> int:
+    """Sample every --diagnostics.every_n_steps steps, as fit does, so that figure 4 shows the update ratios' course;
+    the diagnosis is of step `steps`, which must be sampled: with fewer steps than that (or 0), step 0 and `steps`."""
+    from mm_lightning.errors import UsageError
+
+    if every_n_steps and steps > every_n_steps and steps % every_n_steps:
+        raise UsageError(
+            f"diagnose --steps {steps}: the diagnostics sample every {every_n_steps} steps "
+            f"(--diagnostics.every_n_steps) and step {steps} is not one of them; give --steps a multiple of "
+            f"{every_n_steps} or a --diagnostics.every_n_steps that divides {steps}"
+        )
+    return every_n_steps if every_n_steps and steps >= every_n_steps else max(steps, 1)
+
+
 def _diagnose(args: list[str], steps: int) -> Diagnosis:
     import lightning as L
 
@@ -147,17 +161,17 @@ def _diagnose(args: list[str], steps: int) -> Diagnosis:
 
     cli = MakemoreCLI(list(args), run=False)  # the same parser, config files and checks as fit
     configured: TrainingDiagnostics = cli.config_init["diagnostics"]
-    every = max(steps, 1)  # sample step 0 and step `steps`
+    every = _sampling_interval(steps, configured.every_n_steps)
     diagnostics = TrainingDiagnostics(
         every_n_steps=every,
         layers=configured.patterns,
         saturation_threshold=configured.saturation_threshold,
         histogram_bins=configured.bins,
-        histograms_every_n_steps=every,
+        histograms_every_n_steps=max(steps, 1),  # step 0 and step `steps`: the tables' and figures' steps
         figures_every_n_steps=0,
         expected_initial_loss=configured.expected_initial_loss,
         health=configured.health,
-        stats_in_worker=False,  # two sampled steps: not worth starting a process
+        stats_in_worker=False,  # a short run: not worth starting a process
         verbose=False,  # the report lists what was watched and every verdict
     )
     trainer = L.Trainer(
@@ -188,7 +202,9 @@ DIAGNOSE_USAGE = """usage: python -m mm_lightning.cli diagnose [--config FILE] [
 
 Build the data and the model exactly as `fit` would (same --config, --model.*, --data.*, --diagnostics.*), train
 K steps (default 0: at init), then print the lecture's per-layer tables for step K and the health verdicts.
-Exit status 1 when a verdict fails. --save_figures DIR writes the four lecture figures there as PNG files."""
+Training samples every --diagnostics.every_n_steps N steps as fit does (figure 4: the update ratios at 0, N, ...,
+K); K is then a multiple of N. Exit status 1 when a verdict fails. --save_figures DIR writes the four lecture
+figures there as PNG files."""
 
 
 def _pop_option(args: list[str], name: str) -> str | None:

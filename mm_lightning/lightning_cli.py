@@ -25,12 +25,13 @@ from torch.nn import BatchNorm1d
 from mm_lightning import compat, preflight
 from mm_lightning.data import NamesDataModule
 from mm_lightning.diagnostics import TrainingDiagnostics
-from mm_lightning.errors import UsageError
+from mm_lightning.errors import NothingToDo, UsageError
 from mm_lightning.model import MLPConfig
 from mm_lightning.module import LR_TAG, MakemoreModule
 from mm_lightning.nonfinite import StopOnNonFiniteLoss
 from mm_lightning.progress import StepProgressBar
 from mm_lightning.resume import Resume, _model_args, _refuse_changed_model, current_layout, list_or
+from mm_lightning.runlogger import RunLogger
 from mm_lightning.runs import (
     RUNS_DIRNAME,
     ResumedRunLogs,
@@ -84,6 +85,7 @@ class MakemoreCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True, stop_on_signal: StopOnSignal | None = None):
         self._argv = list(args)
         self.resume: Resume | None = None
+        self.complete: str | None = None  # fit resuming a run already at its max_steps: the line that says so
         self.stop_on_signal = stop_on_signal or StopOnSignal()
         super().__init__(
             MakemoreModule,
@@ -132,7 +134,8 @@ class MakemoreCLI(LightningCLI):
             return
         config = self.config[subcommand]
         runs = runs_dir(config.trainer.default_root_dir)
-        path = find_last(runs) if config.ckpt_path == "last" else Path(config.ckpt_path)
+        given = config.ckpt_path
+        path = find_last(runs, subcommand) if given == "last" else Path(given)
         checkpoint = load_checkpoint(path)
         version = version_of(path, runs)
         run_config = path.parent.parent / "config.yaml"
@@ -156,7 +159,15 @@ class MakemoreCLI(LightningCLI):
             preflight.check_resumable(checkpoint, path)
             preflight.check_resumed_data(checkpoint, config.data.init_args.as_dict(), path, run_config)
         self.resume = Resume(path, version, int(checkpoint.get("global_step", 0)), hparams["net"]["vocab"])
-        if _is_rank_zero():
+        step, max_steps = self.resume.global_step, config.trainer.max_steps
+        if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= step:  # (Lightning would say only
+            where = f"run {path.parent.parent}" if version is not None else str(path)  # "max_steps=N reached")
+            self.complete = (  # said once the data is checked too (after_instantiate_classes)
+                f"fit: {where} is already complete at step {step} (--trainer.max_steps {max_steps}): nothing to "
+                f"train; to train further, give a larger --trainer.max_steps, e.g. `fit --ckpt_path {given} "
+                f"--trainer.max_steps {2 * max(step, 1)}`"
+            )
+        elif _is_rank_zero():
             written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
             where = f"run {path.parent.parent}" if version is not None else "checkpoint"
             print(f"{subcommand}: {where} at step {self.resume.global_step} ({path}, written {written})", flush=True)
@@ -214,6 +225,8 @@ class MakemoreCLI(LightningCLI):
                 f"{self.resume.checkpoint} was trained on a {len(self.resume.vocab)}-character vocabulary but "
                 f"{self.datamodule.path} gives {len(self.datamodule.vocab)}; use the run's --data.path"
             )
+        if self.complete is not None:  # before the run is locked or written to
+            raise NothingToDo(self.complete)
         if self.resume is not None and self.resume.version is not None and self.subcommand == "fit":
             if _is_rank_zero():  # one writer per run: a second fit is refused
                 lock_run(self.resume.checkpoint.parent.parent)
@@ -255,7 +268,7 @@ class MakemoreCLI(LightningCLI):
         kwargs["callbacks"] = [*callbacks, LearningRateMonitor(logging_interval="step"), self.stop_on_signal]
         return super().instantiate_trainer(**kwargs)
 
-    def _run_logger(self, root_dir) -> TensorBoardLogger | bool:
+    def _run_logger(self, root_dir) -> RunLogger | bool:
         """TensorBoard in the run's directory: a freshly claimed one, or the resumed run's own (predict logs
         nothing: it would only leave an empty event file there)."""
         if self.subcommand == "predict":
@@ -288,7 +301,7 @@ class MakemoreCLI(LightningCLI):
         else:
             return False  # evaluating a checkpoint from outside a run: results are printed only
         os.environ[VERSION_ENV] = str(version)
-        return TensorBoardLogger(
+        return RunLogger(  # TensorBoard with the losses on top (mm_lightning/runlogger.py)
             save_dir=runs.parent, name=RUNS_DIRNAME, version=version, default_hp_metric=False, **extra
         )
 

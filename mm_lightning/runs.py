@@ -116,13 +116,19 @@ def version_of(checkpoint: Path, runs: Path) -> int | None:
     return None
 
 
-def find_last(runs: Path) -> Path:
-    """The most recently written runs/version_*/checkpoints/last.ckpt."""
+def find_last(runs: Path, command: str = "fit", root_option: str = "--trainer.default_root_dir") -> Path:
+    """The most recently written runs/version_*/checkpoints/last.ckpt. None there: fit is told it can start a new
+    run, an evaluation (which cannot) to train one first; root_option is the command's option for runs' place."""
     candidates = list(runs.glob("version_*/checkpoints/last.ckpt"))
     if not candidates:
+        missing = f"no {RUNS_DIRNAME}/version_*/checkpoints/last.ckpt under {runs.parent}"
+        if command == "fit":
+            raise UsageError(
+                f"no checkpoint to resume: {missing}; drop --ckpt_path to start a new run, or pass --ckpt_path FILE"
+            )
         raise UsageError(
-            f"no checkpoint to resume: no {RUNS_DIRNAME}/version_*/checkpoints/last.ckpt under {runs.parent}; "
-            "drop --ckpt_path to start a new run, or pass --ckpt_path FILE"
+            f"no trained run for {command}: {missing}; train one first (python -m mm_lightning.cli fit), or pass "
+            f"--ckpt_path FILE ({root_option} DIR if the runs are elsewhere)"
         )
     return max(candidates, key=lambda p: p.stat().st_mtime_ns)
 

@@ -80,10 +80,11 @@ def run_cli(
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of a run directory, read back with TensorBoard's own event reader. A per-layer diagnostics tag
     ("1 activations/output std · 03 net.layers.8") is keyed without its depth number ("1 activations/output std ·
-    net.layers.8"), so a test names a layer without counting; tests of the numbers read tb_tags."""
+    net.layers.8"), so a test names a layer without counting; a loss by its metric's name ("train/loss", written
+    as "0 loss/train/loss": mm_lightning/runlogger.py). Tests of the tags as written read tb_tags."""
     out = {}
     for tag, points in tb_tags(run_dir).items():
-        out[re.sub(r" · \d+ ", " · ", tag)] = points
+        out[re.sub(r" · \d+ ", " · ", tag.removeprefix(LOSS_GROUP))] = points
     return out
 
 
@@ -123,6 +124,9 @@ DIAGNOSTICS_TAGS = [  # flat family, its TensorBoard chart: written out here, no
     ("weight/grad_mean", "5 more/weight-gradient mean"),
     ("update/log10_ratio", "2 updates/log10 update:data (guide -3)"),  # weights; biases and BatchNorm: "5 more/..."
 ]
+
+
+LOSS_GROUP = "0 loss/"  # the run's TensorBoard group of the losses: written out here, not imported from the package
 
 
 def free_port() -> int:

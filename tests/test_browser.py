@@ -46,8 +46,10 @@ setTimeout(() => {
   const boxes = walk(frame.contentDocument, []).filter(e => e.tagName === "PAPER-CHECKBOX");
   const label = e => { let row = e; for (let i = 0; i < 3 && !row.textContent.trim(); i++) row = row.parentElement;
                       return row.textContent.trim(); };  // a run's box is unlabelled: its name is in its row
-  const state = boxes.map(e => [label(e), e.getAttribute("aria-checked") === "true"]);
-  document.getElementById("result").textContent = JSON.stringify(state);
+  const runs = boxes.map(e => [label(e), e.getAttribute("aria-checked") === "true"]);
+  const panes = walk(frame.contentDocument, []).filter(e => e.tagName === "TF-CATEGORY-PAGINATED-VIEW" && e.category)
+                  .filter(e => e.category.name).map(e => [e.category.name, !!e.opened]);  // Scalars' groups
+  document.getElementById("result").textContent = JSON.stringify({runs, panes});
 }, 15000);
 </script></body></html>"""
 
@@ -116,14 +118,16 @@ def _served_runs(base: str, expected: int) -> list[str]:
     return runs
 
 
-def _ticked(base: str, tab: str) -> dict[str, bool]:
-    """The runs of a Polymer tab's run selector (its check boxes named version_...), each with whether it is ticked,
-    as the page shows them."""
+def _probe(base: str, tab: str) -> tuple[dict[str, bool], list[tuple[str, bool]]]:
+    """A Polymer tab as the page shows it: the runs of its run selector (its check boxes named version_...), each
+    with whether it is ticked, and its groups of charts in page order, each with whether it is open."""
     page = f"{base}/probe.html#{urllib.parse.quote(f'{base}/#{tab}', safe='')}"
     dom = _browser(page, "--dump-dom")
     found = re.search(r'<pre id="result">([^<]*)</pre>', dom)
     assert found and found.group(1) != "pending", dom[-2000:]
-    return {name: ticked for name, ticked in json.loads(found.group(1)) if name.startswith("version_")}
+    state = json.loads(found.group(1))
+    runs = {name: ticked for name, ticked in state["runs"] if name.startswith("version_")}
+    return runs, [(name, opened) for name, opened in state["panes"]]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,8 @@ def one_fit(tmp_path_factory, names_file) -> Path:
 @pytest.mark.parametrize("fits", [1, 5])
 def test_every_tab_shows_every_run_without_a_click(one_fit, tmp_path, fits):
     """1 and 5 fits in one lightning_logs/ (the 4 more are copies of the first: what counts is the runs each adds):
-    every run ticked in Scalars, Custom Scalars and Images, and drawn in Time Series."""
+    every run ticked in Scalars, Custom Scalars and Images, and drawn in Time Series; in Time Series and Scalars the
+    loss group first and open, then the activations (open) and the updates."""
     logs = tmp_path / "lightning_logs"
     for i in range(fits):
         shutil.copytree(one_fit / "version_0", logs / f"version_{i}")
@@ -148,17 +153,22 @@ def test_every_tab_shows_every_run_without_a_click(one_fit, tmp_path, fits):
         runs = _served_runs(base, fits)
         assert sorted(runs) == [f"version_{i}" for i in range(fits)]  # a fit adds one run, no sub-runs
         for tab in ("scalars", "custom_scalars", "images"):
-            seen = _ticked(base, tab)
+            seen, panes = _probe(base, tab)
             assert seen == {f"version_{i}": True for i in range(fits)}, (tab, seen)
+            if tab == "scalars":  # the loss first and open, then the activations (TensorBoard opens two groups)
+                assert panes[:3] == [("0 loss", True), ("1 activations", True), ("2 updates", False)], panes
         _browser(f"{base}/#timeseries", f"--screenshot={tmp_path / f'timeseries_{fits}.png'}")
         _browser(f"{base}/#scalars", f"--screenshot={tmp_path / f'scalars_{fits}.png'}")
         dom = _browser(f"{base}/#timeseries", "--dump-dom")
     assert (tmp_path / f"timeseries_{fits}.png").stat().st_size > 10_000
     drawn = set(re.findall(r'data-id="defaultExperimentId/([^"]+)"', dom))  # rows of a chart's data table
     assert drawn == {f"version_{i}" for i in range(fits)}, drawn
-    found = re.findall(r'class="group-title" title="([^"]+)"', dom)
-    groups = list(dict.fromkeys(found))  # in page order; TensorBoard opens the first two
-    assert groups[:5] == ["1 activations", "2 updates", "3 gradients", "4 weight gradients", "5 more"], groups
+    found = re.findall(r'class="group-title" title="([^"]+)".{0,1000}?svgicon="expand_(less|more)_24px"', dom)
+    groups = list(dict.fromkeys(found))  # in page order, each open (less) or closed; TensorBoard opens the first two
+    names = ["0 loss", "1 activations", "2 updates", "3 gradients", "4 weight gradients", "5 more"]
+    assert groups[:6] == list(zip(names, ["less", "less", "more", "more", "more", "more"])), groups
+    cards = re.findall(r'<tb-truncated-path[^>]* title="([^"]+)"', dom)  # a card's tag, in page order
+    assert cards[:2] == ["0 loss/train/loss", "0 loss/val/loss"], cards[:5]  # the loss on top
     # a chart per layer, named and numbered by depth (TensorBoard sorts tags naturally: 02 before 10)
     first = re.findall(r'title="(1 activations/[^"]+)"', dom)
     assert first[:2] == ["1 activations/output std · 01 net.layers.2", "1 activations/output std · 02 net.layers.5"]

@@ -27,7 +27,7 @@ def test_ddp_writes_once_and_resumes(project):
     acc.Reload()
     layer = scalars(run)[flat_tag("act/std/net.layers.2")]
     assert [s for s, _ in layer] == [0, 100]  # diagnostics logged once per step, in the run itself
-    assert [e.step for e in acc.Scalars("val/loss")] == [100, 200]
+    assert [e.step for e in acc.Scalars("0 loss/val/loss")] == [100, 200]  # the losses first in TensorBoard
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.suffix == ".ckpt")[-1] == "last.ckpt"
     proc = run_cli(["fit", *DDP, "--trainer.max_steps", "300", "--ckpt_path", "last", *root], cwd=project)
     assert "at step 200" in proc.stdout

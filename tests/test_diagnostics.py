@@ -149,6 +149,21 @@ def test_diagnose_after_training_steps_and_figures(project, monkeypatch, capsys)
     assert main(["diagnose", "--steps", "-1"]) == 2
 
 
+def test_diagnose_samples_every_n_steps_as_fit_does(project, monkeypatch, capsys):
+    """--diagnostics.every_n_steps N reaches the diagnosis: figure 4's update ratios at 0, N, ..., K (it drew 0 and
+    K only, whatever N); a K that is no multiple of N is refused, naming both."""
+    from mm_lightning.lecture import run_diagnosis
+
+    monkeypatch.chdir(project)
+    diagnosis = run_diagnosis(["--diagnostics.every_n_steps", "10", *SMALL[:4]], steps=40)
+    assert diagnosis.snapshot.step == 40 and diagnosis.update_history
+    for name, points in diagnosis.update_history.items():
+        assert [step for step, _ in points] == [0, 10, 20, 30, 40], name
+    assert main(["diagnose", "--steps", "45", "--diagnostics.every_n_steps", "10", *SMALL[:4]]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 45" in err and "every 10 steps" in err, err
+
+
 # ------------------------------------------------------------------------------------ TensorBoard and training
 
 

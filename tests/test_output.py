@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from mm_lightning.cli import COMMON_OPTIONS, main
 from tests.conftest import SMALL, run_cli
@@ -51,3 +52,59 @@ def test_sample_without_a_run_says_to_train_one(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "train one first (python -m mm_lightning.cli fit)" in err and "drop --ckpt_path" not in err, err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "fold-batchnorm"])
+def test_evaluating_without_a_run_says_to_train_one(tmp_path, monkeypatch, capsys, command):
+    """An evaluation cannot start a new run: the hint is to train one (it said "drop --ckpt_path to start a new
+    run", fit's hint), with the command's own option for where runs are."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--out", "folded.ckpt"] if command == "fold-batchnorm" else ["--ckpt_path", "last"]
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err
+    assert f"no trained run for {command}: " in err and "train one first (python -m mm_lightning.cli fit)" in err
+    assert "drop --ckpt_path" not in err and err.count("\n") == 1, err
+    where = "--root_dir DIR" if command == "fold-batchnorm" else "--trainer.default_root_dir DIR"
+    assert f"({where} if the runs are elsewhere)" in err, err
+
+
+def test_tensorboard_files_the_losses_in_a_group_that_sorts_first(tmp_path):
+    """TensorBoard opens the first two groups in its name order (digits first): the losses go to "0 loss", before
+    the diagnostics' "1 activations"; the metric keeps its name elsewhere (tests/test_browser.py: the page)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm_lightning.runlogger import RunLogger
+
+    logger = RunLogger(save_dir=tmp_path, name="lightning_logs", version=0)
+    metrics = {"train/loss": 2.5, "val/loss": 2.4, "test/loss": 2.3, "train/lr": 0.1, "epoch": 0, "health/x_loss": 1}
+    logger.log_metrics(metrics, step=7)
+    logger.finalize("success")
+    acc = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    acc.Reload()
+    tags = sorted(acc.Tags()["scalars"])
+    assert tags == ["0 loss/test/loss", "0 loss/train/loss", "0 loss/val/loss", "epoch", "health/x_loss", "train/lr"]
+    assert [(e.step, e.value) for e in acc.Scalars("0 loss/train/loss")] == [(7, 2.5)]
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_it_is_complete_and_how_to_go_on(project, monkeypatch, capsys):
+    """`fit --ckpt_path last` on a run at its --trainer.max_steps: one line (Lightning said only "`Trainer.fit`
+    stopped: max_steps=40 reached", after writing to the run), exit 0 (the run is where it was asked to be: a
+    loop or reproduce.py continuing runs is done), nothing written; the hint's larger max_steps trains on."""
+    monkeypatch.chdir(project)
+    args = ["fit", "--trainer.max_steps", "40", *SMALL, "--data.steps_per_epoch", "40"]
+    assert main([*args, "--trainer.enable_progress_bar", "false", "--diagnostics.every_n_steps", "0"]) == 0
+    run = project / "lightning_logs" / "version_0"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    assert main(["fit", "--ckpt_path", "last"]) == 0
+    out = capsys.readouterr().out
+    assert out == (
+        "fit: run lightning_logs/version_0 is already complete at step 40 (--trainer.max_steps 40): nothing to "
+        "train; to train further, give a larger --trainer.max_steps, e.g. `fit --ckpt_path last --trainer.max_steps "
+        "80`\n"
+    ), out
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # no event file, lock or checkpoint
+    assert [p.name for p in (project / "lightning_logs").iterdir()] == ["version_0"]
+    assert main(["fit", "--ckpt_path", "last", "--trainer.max_steps", "50", "--trainer.enable_progress_bar=false"]) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 50

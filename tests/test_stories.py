@@ -24,3 +24,24 @@ def test_stories_draw_one_picture_per_diagnostic_and_a_run_per_story(names_file,
     assert min(stds["deep_nobn_gain1"]) < 0.35 < 0.6 < max(stds["deep_nobn_gain1"])  # shrinking layer by layer
     for name in ("deep_bn_gain1", "deep_bn_gain3"):  # with BatchNorm the gain does not matter (but for BN's eps)
         assert stds[name] == pytest.approx(stds["deep_bn"], rel=1e-3)
+
+
+def test_stories_offline_or_with_a_missing_file_say_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """Offline with no data/names.txt: one line naming this command's option (--data_path; it said fit's
+    --data.path) and exit 2, not a traceback; the same for a --data_path that does not exist. Nothing written."""
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert main(["--out", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data/names.txt is missing and downloading") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("copy names.txt to data/names.txt or pass --data_path FILE"), err
+    assert main(["--out", "s", "--data_path", "nowhere.txt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere.txt" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []

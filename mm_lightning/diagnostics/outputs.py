@@ -6,9 +6,10 @@ TensorBoard gets everything in the fit's own run (no sub-runs: TensorBoard selec
 directory holds more than ~40, and a run per layer reached that after two fits). Each per-layer quantity is one
 chart per layer, "<group>/<quantity> · <NN> <layer>", NN the layer's depth (its position in the model), so charts
 sort by depth and each line of a chart is one fit (compare runs layer by layer); the lecture's four figures are
-the all-layers overview (Images). TensorBoard opens the first two groups (in its natural sort of the tags), so the
-groups are numbered by what a user reads first: "1 activations", "2 updates" (weights: the lecture's plot, its
-1e-3 guide in the chart's name), "3 gradients", "4 weight gradients"; the charts that are flat or round-off on a
+the all-layers overview (Images). TensorBoard opens the first two groups (in its natural sort of the tags, digits
+first), so the groups are numbered by what a user reads first, leaving "0" to the loss (a logger may file it as
+"0 loss/...", as mm_lightning's CLI does): "1 activations", "2 updates" (weights: the lecture's plot, its 1e-3
+guide in the chart's name), "3 gradients", "4 weight gradients"; the charts that are flat or round-off on a
 healthy net (dead units 0%, the output-gradient mean ±1e-11 behind BatchNorm), means, and biases' and BatchNorm's
 updates go to "5 more", last and closed until clicked.
 """

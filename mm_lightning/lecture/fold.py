@@ -79,7 +79,9 @@ def fold_command(args: list[str], parser_class=argparse.ArgumentParser) -> None:
     out = Path(a.out)
     if out.exists():
         raise UsageError(f"--out {out} already exists; give a new file name")
-    path = find_last(runs_dir(a.root_dir)) if a.ckpt_path == "last" else Path(a.ckpt_path)
+    path = (
+        find_last(runs_dir(a.root_dir), "fold-batchnorm", "--root_dir") if a.ckpt_path == "last" else Path(a.ckpt_path)
+    )
     checkpoint = load_checkpoint(path)
     net = checkpoint["hyper_parameters"]["net"]
     if not net.get("batchnorm", True) and not net.get("output_batchnorm", True):

@@ -51,20 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from mm_lightning.cli import main as cli
+    from mm_lightning.data import DEFAULT_PATH, download_names
     from mm_lightning.diagnostics.figures import png
+    from mm_lightning.errors import UsageError
     from mm_lightning.lecture import diagnose
 
     parser = argparse.ArgumentParser(prog="python -m mm_lightning.stories", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("stories"), help="where the PNGs and the runs go")
     parser.add_argument("--data_path", default="data/names.txt")
     a = parser.parse_args(argv)
+    try:  # bad input as one line, exit 2, as every command (offline: the hint names this command's option)
+        if a.data_path == DEFAULT_PATH and not Path(a.data_path).exists():
+            download_names(Path(a.data_path), instead=" or pass --data_path FILE")
+        diagnoses = {name: diagnose(str(CONFIGS / f"{name}.yaml"), 0, **{"data.path": a.data_path}) for name in STORIES}
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     a.out.mkdir(parents=True, exist_ok=True)
-    diagnoses, lines = {}, []
+    lines = []
     lightning = logging.getLogger("lightning.pytorch")
     level = lightning.level
     for name in STORIES:
         config = str(CONFIGS / f"{name}.yaml")
-        diagnoses[name] = diagnose(config, steps=0, **{"data.path": a.data_path})
         args = ["fit", "--config", config, "--data.path", a.data_path, "--trainer.max_steps", "1"]
         args += ["--trainer.default_root_dir", str(a.out / name), "--trainer.enable_progress_bar", "false"]
         args += ["--trainer.enable_model_summary", "false"]
