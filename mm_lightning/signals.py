@@ -15,6 +15,7 @@ A scheduler's requeue recipe reruns a job that exits 143 and treats 0 as finishe
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -50,7 +51,11 @@ def _main_thread() -> bool:
 
 def _starting(signum, frame) -> None:
     sys.stderr.write(f"error: interrupted by {NAMES.get(signum, signum)} while starting: nothing was written\n")
-    raise SystemExit(128 + signum)
+    sys.stderr.flush()
+    # at once, not by raising SystemExit: raised inside an extension module's import (numpy's, under torch's), an
+    # exception can be caught on the way and the module imported a second time ("cannot load module more than once
+    # per process": a traceback and exit 1). Nothing is written yet, so there is nothing to clean up.
+    os._exit(128 + signum)
 
 
 def _raise(signum, frame) -> None:

@@ -194,6 +194,26 @@ def test_a_signal_at_any_moment_never_exits_0(project):
             assert torch.load(last, weights_only=True)["global_step"] == step, where
 
 
+
+def test_a_signal_inside_an_import_that_catches_everything_still_exits_128_plus_signal(tmp_path):
+    """SIGTERM while the CLI imports torch: an extension's import (numpy's, under torch's) can catch what a handler
+    raises, and go on to import the module a second time (a traceback, exit 1). The early handler must end the process
+    itself: 143 and its one line, whatever the code it interrupted does with exceptions."""
+    (tmp_path / "catching.py").write_text(
+        "import os, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "except BaseException:\n"
+        "    pass  # an import that swallows everything\n"
+    )
+    code = "from mm_lightning import signals; signals.install_early(); import catching; print('went on')"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    assert done.stderr == "error: interrupted by SIGTERM while starting: nothing was written\n"
+
 # ----------------------------------------------------------------------------------------- no silent wrong results
 
 
