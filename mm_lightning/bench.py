@@ -406,7 +406,7 @@ def short_run(steps: int, repeats: int) -> tuple[list[float], list[float]]:
 def fold_speedup(data_path: str, repeats: int, device: str) -> list[float]:
     """Per repeat: examples/s of the lecture's deep network in eval mode over the whole val split with every
     BatchNorm folded into its Linear (mm_lightning.fold), over the same network unfolded (order alternating)."""
-    from mm_lightning.fold import fold_batchnorm
+    from mm_lightning.lecture.fold import fold_batchnorm
 
     data = NamesDataModule(path=data_path)
     data.setup()

@@ -13,6 +13,8 @@ fit/validate/test/predict are LightningCLI subcommands (configs in configs/, ove
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import signal
@@ -196,6 +198,22 @@ def _interrupted_line(e: signals.Interrupted, argv: list[str], stopper: StopOnSi
     )
 
 
+def _class_path_help(command: str, key: str, class_path: str, more: str) -> str:
+    """The options of a class-path argument (--model.net, --data) with their docstrings: the lecture kit's classes
+    may replace the core's there, and jsonargparse lists such an argument's options only under --KEY.help CLASS."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            MakemoreCLI([command, f"--{key}.help", class_path])
+    except SystemExit:
+        pass
+    text = said.getvalue()
+    start = text.find(f"Help for --{key}.help")
+    options = text[text.index("\n", start) :].strip("\n") if start >= 0 else ""
+    name = class_path.rsplit(".", 1)[1]
+    return f"--{key}.* ({name}; {more}: `{command} --{key}.help mm_lightning.lecture.{more.split()[-1]}`):\n{options}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -207,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     # `--help` shows each MLPConfig field's docstring (the dataclass documents its fields under each one, as litgpt's).
     # Only then: finding those docstrings parses the source of every class the parser reads (Trainer's included),
     # ~80% of building the parser, which every command pays at start.
-    set_parsing_settings(docstring_parse_attribute_docstrings=any(a in ("-h", "--help") for a in argv))
+    wants_help = any(a in ("-h", "--help") or a.endswith(".help") for a in argv)  # (--model.net.help CLASS too)
+    set_parsing_settings(docstring_parse_attribute_docstrings=wants_help)
     failed_threads: list[BaseException] = []  # a background writer's failure (TensorBoard's), said in one line
     previous_hook, threading.excepthook = threading.excepthook, lambda args: failed_threads.append(args.exc_value)
     try:
@@ -258,6 +277,8 @@ def _command(argv: list[str], debug: bool) -> int:
             return COMMANDS[argv[0]](argv[1:]) or 0
         if argv[0] in ("fit", "validate", "test", "predict") and {"-h", "--help"} & set(argv[1:]):
             print(f"usage: python -m mm_lightning.cli {argv[0]} [options]\n\n{COMMON_OPTIONS}", flush=True)
+            print(_class_path_help(argv[0], "model.net", "mm_lightning.model.MLPConfig", "or NotebookMLPConfig"))
+            print(_class_path_help(argv[0], "data", "mm_lightning.data.NamesDataModule", "or NotebookNamesDataModule"))
         interrupted = MakemoreCLI(argv, stop_on_signal=stopper).stop_on_signal
         if interrupted.message() is not None:
             print(f"error: {interrupted.message()}", file=sys.stderr)

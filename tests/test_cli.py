@@ -113,4 +113,8 @@ def test_help_shows_every_model_fields_docstring(project):
     for name in fields:
         entry = text.split(f"--model.net.{name} ", 1)[1].split("(type:", 1)[0]
         assert len(entry.split()) > 3, (name, entry)  # the metavar, then the field's docstring
-    assert "Multiplier of the hidden weights" in text and "Which BatchNorm:" in text
+    assert "Multiplier of the hidden weights" in text
+    # the lecture kit's network (a class path) documents its own fields under its class's help
+    lecture = run_cli(["fit", "--model.net.help", "mm_lightning.lecture.NotebookMLPConfig"], project).stdout
+    lecture = " ".join(lecture.split())
+    assert "Which BatchNorm:" in lecture and "--model.net.init_seed" in lecture
