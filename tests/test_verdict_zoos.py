@@ -215,6 +215,18 @@ def test_broken_tiny_init_in_a_deep_stack_vanishes(act):
     assert not [f for f in shallow.failing if "std_ratio" in f[1]], shallow.failing
 
 
+def test_broken_relu_stack_at_a_tenth_of_kaiming_shrinks():
+    """Fast: four ReLU layers, zero biases, weights of std 0.1/sqrt(fan_in) (kaiming: sqrt(2)/sqrt(fan_in)): each
+    layer shrinks the signal ~14x, 0.059 -> 1.9e-5 over four (3e3x), and under SGD 0.1 the loss does not move in
+    300 steps (1.388 -> 1.396; at kaiming's scale 1.54 -> 0.018, no verdict). Extreme for a non-saturating stack:
+    the activation rule names the init scale, not a gain."""
+    torch.manual_seed(0)
+    diag = train(zoo.MLP(act=nn.ReLU, gain=0.1), zoo.loader(*zoo.features()), 1, 1)
+    step, _, subject, message = first_failure(diag, "activation_std_ratio")
+    assert (step, subject) == (0, "net ReLU") and "shrink 3." in message and "e+03x" in message
+    assert "raise the init scale" in message and "gain" not in message and "-> 1.90e-05 from" in message
+
+
 def test_broken_huge_init_saturates_the_first_tanh():
     """Fast: weights at 5x the 1/sqrt(fan_in) scale; the first tanh is the one past 30%, and the fix is the gain."""
     diag = train(zoo.MLP(gain=5.0), zoo.loader(*zoo.features()), 1, 1)
