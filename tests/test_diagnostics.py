@@ -19,7 +19,7 @@ from mm_lightning.cli import main
 from mm_lightning.diagnostics.callback import TrainingDiagnostics, custom_scalars_layout
 from mm_lightning.diagnostics.snapshot import LayerStats, ParamStats, Snapshot
 from mm_lightning.diagnostics.stats import CapturedLayer, CapturedParams, summarize
-from mm_lightning.diagnostics.verdicts import HealthThresholds, judge
+from mm_lightning.diagnostics.verdicts import Context, HealthThresholds, judge
 from tests.conftest import SMALL, flat_tag, free_port, scalars, tb_tags
 
 NO_BN = ["--model.net.batchnorm", "false", "--model.net.output_batchnorm", "false"]
@@ -100,6 +100,37 @@ def test_verdicts():
     assert failing(_snapshot(), update_history=low) == {"update_ratio"}
     assert failing(_snapshot(), update_history={"w": [-4.5] * 9}) == set()  # not sustained long enough
     assert failing(_snapshot(), update_history={"w": [-4.5] * 9 + [-3.0]}) == set()
+
+
+def test_std_ratios_of_non_saturating_layers_and_under_adam():
+    """ReLU layers (no saturation statistic): only an extreme change of scale fails, and its fix is the init scale,
+    not a gain; under an Adam-like optimizer only an extreme gradient ratio fails. Tanh keeps the lecture's bands."""
+    t = HealthThresholds()
+
+    def verdicts(kind, stds, gstds, family=None):
+        sat = 0.03 if kind == "Tanh" else None
+        layers = [
+            LayerStats(f"net.{i}", kind, 0.0, std, sat, 0.0, grad_mean=0.0, grad_std=g, group="net")
+            for i, (std, g) in enumerate(zip(stds, gstds))
+        ]
+        context = Context(optimizer={"net.0.weight": family}) if family else None
+        out = judge(Snapshot(0, None, layers), t, context=context)
+        return {v.check: v for v in out if v.check.endswith("std_ratio")}
+
+    three = (1e-3,) * 3
+    assert verdicts("ReLU", (0.34, 0.15, 0.07), three)["activation_std_ratio"].ok  # PyTorch's default init
+    assert not verdicts("Tanh", (0.34, 0.15, 0.07), three)["activation_std_ratio"].ok  # the lecture's gain 1
+    grown = verdicts("ReLU", (1.0, 30.0, 300.0), three)["activation_std_ratio"]
+    assert not grown.ok and "grow 300x" in grown.message and "lower the init scale" in grown.message
+    assert "gain" not in grown.message
+    assert not verdicts("ReLU", (1.0, 0.5, 0.005), three)["activation_std_ratio"].ok
+    assert not verdicts("ReLU", (1, 1, 1), (2e-5, 1e-4, 2e-3))["gradient_std_ratio"].ok  # SGD's band: 1/100
+    assert verdicts("ReLU", (1, 1, 1), (2e-5, 1e-4, 2e-3), "adaptive")["gradient_std_ratio"].ok
+    assert verdicts("ReLU", (1, 1, 1), (2e-5, 1e-4, 2e-3), "sgd")["gradient_std_ratio"].ok is False
+    vanish = verdicts("ReLU", (1, 1, 1), (3e-11, 1e-6, 2e-4), "adaptive")["gradient_std_ratio"]
+    assert not vanish.ok and "raise the init scale" in vanish.message and "non-saturating" not in vanish.message
+    tanh = verdicts("Tanh", (1, 1, 1), (3e-11, 1e-6, 2e-4), "adaptive")["gradient_std_ratio"]
+    assert not tanh.ok and "non-saturating activation" in tanh.message
 
 
 # ---------------------------------------------------------------------------------------- the lecture's stories

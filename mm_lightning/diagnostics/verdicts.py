@@ -8,8 +8,13 @@ silent (or passes, saying "not judged" and why) where it does not; `Context` tel
 - activation and gradient std ratios: within one kind of layer in one part of the model, and only where that part
   has no normalisation layer. Gain decides the scale only without normalisation (the lecture's point: with
   BatchNorm the gain hardly matters); a residual stream behind LayerNorms grows with depth by design (a pre-LN
-  residual MLP at init: 0.23 -> 0.62; GPT-style models after a few dozen steps). Two layers of a kind get a wider
-  band than a stack: one step from the input's scale is not a gain compounding (PyTorch's default init, 0.39).
+  residual MLP at init: 0.23 -> 0.62; GPT-style models after a few dozen steps). The lecture's activation band is
+  for saturating activations (Tanh, Sigmoid, ...: those with a saturation statistic), where the scale decides
+  whether a unit is linear or saturated; a non-saturating one (ReLU, GELU, SiLU, ...) behaves alike at any scale,
+  so only an extreme change is reported (PyTorch's default init shrinks three ReLU layers 0.34 -> 0.07, healthy).
+  Two saturating layers get a wider band than a stack: one step from the input's scale is not a gain compounding.
+  Gradients: Adam-like optimizers move each weight by about lr whatever its gradient's size, so only an extreme
+  ratio is reported there (the first layer's gradient near Adam's eps); SGD keeps the lecture's band.
 - update ratio: weights with a gradient (a frozen parameter left in the optimizer is said so, not "barely learns"),
   with a band per optimizer family (SGD: the lecture's; Adam-like: its own, see HealthThresholds), judged at the
   learning rate the user set (a warm-up or a decayed schedule is not "barely learns"), and "too high" only while the
@@ -59,20 +64,44 @@ class HealthThresholds:
     over a batch of 32 8x8 images has 2048, a Linear's unit over a batch of 32 has 32."""
     activation_std_ratio: float = 0.6
     """std of the last watched layer's output over the first's must lie in [r, 1/r] in a stack of three or more
-    layers of one kind: beyond, activations shrink (or grow) layer by layer. Compared within one kind of layer in one
-    part of the model only. The lecture: gain 1 without BatchNorm shrinks 0.62 -> 0.31 over five tanh layers."""
+    saturating layers of one kind (Tanh, Sigmoid, ...: with a saturation statistic): beyond, activations shrink
+    into the linear regime (or grow into saturation) layer by layer, the lecture's gain argument. Compared within
+    one kind of layer in one part of the model only. The lecture: gain 1 without BatchNorm shrinks 0.62 -> 0.31
+    over five tanh layers (caught); gain 5/3 passes. PyTorch's default init is below gain 1 and is caught too
+    behind three Tanh layers (tests/zoo_models.DefaultInitMLP(nn.Tanh, depth=3), AdamW 1e-3: 0.461 -> 0.160)."""
     activation_std_ratio_pair: float = 0.2
-    """The same band, [r, 1/r], for two layers of one kind (one step). Their ratio is not a gain compounding layer
-    by layer: the first layer's scale is set by the input (normalised features, an embedding of std 1), the second's
-    by the network, and PyTorch's default nn.Linear init (kaiming_uniform, a=sqrt(5): weights of std
-    1/sqrt(3 fan_in)) shrinks one step by sqrt(1/6) = 0.41 behind a ReLU, the most common recipe there is. Measured
-    (tests/zoo_models.DefaultInitMLP, AdamW 1e-3, loss 1.39 -> 0.09 in 300 steps): 0.39 (ReLU) and 0.30 (GELU) at
-    init, up to 1.8 (ReLU) and 1.9 (GELU) as it trains. The same two layers at a tenth of that init's scale shrink
-    by 0.11 (ReLU), 0.13 (GELU): caught. A stack of three or more is judged by the lecture's band: PyTorch's default
-    init does shrink layer by layer there (0.37 -> 0.13 -> 0.07 behind ReLUs)."""
+    """The same band, [r, 1/r], for two saturating layers of one kind (one step). Their ratio is not a gain
+    compounding layer by layer: the first layer's scale is set by the input (normalised features, an embedding of
+    std 1), the second's by the network. Measured: DefaultInitMLP(nn.Tanh), 2 layers, AdamW 1e-3: 0.54 at init,
+    up to 1.35 by step 260 (loss 1.39 -> 0.11 in 300 steps)."""
+    activation_std_ratio_unbounded: float = 0.01
+    """The band [r, 1/r] for non-saturating activations (ReLU, LeakyReLU, GELU, SiLU, ...; also watched blocks and
+    Linear layers: no saturation statistic), whatever the number of layers. They are (nearly) positively
+    homogeneous: a change of scale from layer to layer changes no unit's behaviour, so only an extreme change is
+    reported (a residual stream exploding without normalisation; a vanishing signal is caught by its gradients,
+    gradient_std_ratio). Measured, std of the last layer's output over the first's, at init and every 10 steps of
+    300 (tests/zoo_models.DefaultInitMLP: PyTorch's default init, AdamW 1e-3, features(), seed 0, all healthy):
+    ReLU 2 layers 0.4 .. 1.8, 3 layers 0.19 (init) .. 3.4 (step 260, loss 1.39 -> 0.033), 6 layers 0.12 .. 7.2
+    (step 270, loss -> 0.007); GELU 3 layers 0.14 .. 4.4 (step 290, loss -> 0.028), 6 layers 0.10 .. 9.0 (step
+    280, loss -> 0.012). The same at a tenth of that init, which trains as well (2 and 3 layers reach loss 0.09
+    and 0.03 in 300 steps, as the default init does): 0.11 .. 13; 6 layers (broken, see adaptive_gradient_std_ratio):
+    0.11 at init, up to 40. Broken: an 8-block residual ReLU MLP without normalisation, Linears at std 0.5
+    (tests' exploding residual stream): 1.04 -> 2.9e6 at init; four ReLU layers without biases at a tenth of
+    kaiming's scale (zoo_models.MLP(nn.ReLU, gain=0.1)): 3.1e-4 at init, SGD 0.1 leaves its loss at 1.39 over 300
+    steps (at kaiming's scale: 1.54 -> 0.018, ratio 0.92)."""
     gradient_std_ratio: float = 10.0
     """std of the first watched layer's output gradient over the last's must lie in [1/r, r]: beyond, gradients
-    vanish (or explode) on their way back. Compared within one kind of layer in one part of the model only."""
+    vanish (or explode) on their way back. Compared within one kind of layer in one part of the model only. Under
+    SGD-like (or unknown) optimizers: a weight's step is proportional to its gradient."""
+    adaptive_gradient_std_ratio: float = 1e4
+    """The band [1/r, r] where every parameter of that part of the model is under an Adam-like optimizer: it moves
+    each weight by about lr a step whatever its gradient's size, until the gradient falls to its eps (1e-8 by
+    default), so only an extreme ratio harms. Measured (DefaultInitMLP, AdamW 1e-3, at init and every 10 steps of
+    300, seed 0): healthy ReLU 6 layers 0.012 (init) .. 20, GELU 6 layers 0.0022 (init) .. 32, GELU 3 layers
+    0.078 .. 10.3; ReLU 3 layers at a tenth of the default init 0.0017 .. 13 (loss 1.39 -> 0.031). Broken: 6 layers
+    at a tenth of the default init, 1.4e-7 (ReLU) and 2.0e-8 (GELU) at init (the first layer's output gradient
+    3e-11: its weights' gradients far below eps), loss 1.39 -> 0.90 (0.71) in 300 steps against 0.007 (0.012) at
+    the default init; the exploding residual stream above (Adam): 2.0e6."""
     update_ratio_low: float = -4.0
     """SGD-like optimizers: log10(update:data), at the learning rate set (see Context.lr_shortfall), below this for
     update_ratio_window samples in a row: the parameter barely learns. The lecture: ~-3 is healthy."""
@@ -248,25 +277,38 @@ def judge(
         first, last = same[0], same[-1]
         subject = f"{group} {kind}".strip()
         normalised = group in c.normalised_groups
+        saturating = first.saturation is not None  # the lecture's gain argument holds for these only
         if len(same) >= 2 and first.std > 0 and math.isfinite(last.std):
             r = last.std / first.std
-            band = t.activation_std_ratio if len(same) >= 3 else t.activation_std_ratio_pair
+            if not saturating:
+                band = t.activation_std_ratio_unbounded
+            else:
+                band = t.activation_std_ratio if len(same) >= 3 else t.activation_std_ratio_pair
             lo, hi = band, 1 / band
             ok = normalised or lo <= r <= hi
-            message = f"activation std {first.std:.3f} -> {last.std:.3f} from {first.name} to {last.name} ({kind})"
+            message = f"activation std {_num(first.std)} -> {_num(last.std)} from {first.name} to {last.name} ({kind})"
             if normalised:
                 message += f" (not judged: {group or 'the model'} normalises its layers' inputs)"
-            elif not ok:
+            elif not ok and saturating:
                 message += (
                     f": activations {'shrink' if r < lo else 'grow'} layer by layer; the gain is too "
                     f"{'low' if r < lo else 'high'} (in a residual network: normalise each block's input, or scale "
                     "its last layer's init down)"
                 )
+            elif not ok:
+                message += (
+                    f": activations {'shrink' if r < lo else 'grow'} {max(r, 1 / r):.3g}x from first to last "
+                    f"(beyond {hi:g}x); {'raise' if r < lo else 'lower'} the init scale of the layers feeding them "
+                    "(kaiming: std sqrt(2/fan_in) behind a ReLU), or in a residual network normalise each block's "
+                    "input, or scale its last layer's init down"
+                )
             out.append(Verdict("activation_std_ratio", subject, ok, message))
         grads = [x for x in same if x.grad_std is not None]
         if len(grads) >= 2 and grads[-1].grad_std and grads[-1].grad_std > 0 and math.isfinite(grads[0].grad_std):
             r = grads[0].grad_std / grads[-1].grad_std
-            ok = normalised or 1 / t.gradient_std_ratio <= r <= t.gradient_std_ratio
+            adaptive = _family(group, c) == "adaptive"
+            limit = t.adaptive_gradient_std_ratio if adaptive else t.gradient_std_ratio
+            ok = normalised or 1 / limit <= r <= limit
             message = (
                 f"output-gradient std {grads[0].grad_std:.2e} ({grads[0].name}) vs {grads[-1].grad_std:.2e} "
                 f"({grads[-1].name}, {kind})"
@@ -274,15 +316,37 @@ def judge(
             if normalised:
                 message += f" (not judged: {group or 'the model'} normalises its layers' inputs)"
             elif not ok:
-                message += f": gradients {'vanish' if r < 1 else 'explode'} on their way back; " + (
-                    "use a non-saturating activation, a 5/3-style gain, or normalisation layers"
-                    if r < 1
-                    else "lower the gain, or add normalisation layers"
+                message += f": gradients {'vanish' if r < 1 else 'explode'} on their way back" + (
+                    f" ({max(r, 1 / r):.2g}x: beyond what an Adam-like optimizer's per-weight scaling absorbs)"
+                    if adaptive
+                    else ""
                 )
+                if r >= 1:
+                    fix = "gain" if saturating else "init scale"
+                    message += f"; lower the {fix}, or add normalisation layers"
+                elif saturating:
+                    message += "; use a non-saturating activation, a 5/3-style gain, or normalisation layers"
+                else:
+                    message += (
+                        "; raise the init scale (kaiming: std sqrt(2/fan_in) behind a ReLU), or add normalisation "
+                        "layers"
+                    )
             out.append(Verdict("gradient_std_ratio", subject, ok, message))
 
     out += _update_ratios(weights, t, update_history or {}, c, judged_by_family=context is not None)
     return out
+
+
+def _num(x: float) -> str:
+    """0.340, or 1.90e-05 and 2.87e+06 where three decimals would say 0.000 or a long run of digits."""
+    return f"{x:.3f}" if 1e-3 <= abs(x) < 1e3 else f"{x:.2e}"
+
+
+def _family(group: str, c: Context) -> str:
+    """The optimizer family of every parameter in `group` (the whole model for ""), or "" where they differ or
+    none is known."""
+    families = {f for name, f in c.optimizer.items() if not group or name.startswith(group + ".")}
+    return families.pop() if len(families) == 1 else ""
 
 
 def _nonfinite(snapshot: Snapshot) -> Verdict:
