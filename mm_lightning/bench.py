@@ -260,7 +260,7 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str,
     tbwrite.speed_up()  # as `python -m mm_lightning.cli` does
     dm = NamesDataModule(path=data_path)
     dm.setup()
-    (xtr, ytr), (xva, yva) = dm.splits["train"], dm.splits["val"]
+    (xtr, ytr), (xva, yva) = dm.splits["train"].tensors(), dm.splits["val"].tensors()
     rows = []
     for size in sizes:
         batch, hidden, size_steps = SIZES[size]
@@ -412,7 +412,7 @@ def fold_speedup(data_path: str, repeats: int, device: str) -> list[float]:
 
     data = NamesDataModule(path=data_path)
     data.setup()
-    x, y = (t.to(device) for t in data.splits["val"])
+    x, y = (t.to(device) for t in data.splits["val"].tensors())
     torch.manual_seed(0)
     net = MLP(MLPConfig(vocab=data.vocab)).eval()
     for m in net.modules():  # running statistics as a trained network has them
