@@ -162,14 +162,15 @@ def _ascii_corpus(raw: bytearray) -> Corpus | None:
         return None
     if raw[:1] == b" " or raw[-1:] == b" " or any(s in raw for s in (b" \n", b"\n ", b" \r", b"\r ")):
         return None  # spaces around a word: the loop strips them
-    is_break = (data == _BREAKS[0]) | (data == _BREAKS[1])
-    ends = torch.nonzero(is_break).squeeze(1)  # where each line ends, and the last one at the end of the file
+    is_break = data == _BREAKS[0]
+    is_break |= data == _BREAKS[1]
+    ends = torch.nonzero(is_break).squeeze(1).int()  # where each line ends (int32: the file is under 2 GiB)
     del is_break
-    if not raw.endswith(b"\n") and not raw.endswith(b"\r"):
-        ends = torch.cat([ends, torch.tensor([len(raw)])])
-    lengths = torch.diff(ends, prepend=torch.tensor([-1])).sub_(1)
+    last = [] if raw.endswith(b"\n") or raw.endswith(b"\r") else [len(raw)]  # a last line without a break
+    lengths = torch.diff(ends, prepend=torch.tensor([-1], dtype=torch.int32), append=torch.tensor(last).int())
     del ends
-    lengths = lengths[lengths > 0].int()  # blank lines (and CRLF's second break) hold no word
+    lengths.sub_(1)
+    lengths = lengths[lengths > 0]  # blank lines (and CRLF's second break) hold no word
     if lengths.max() > MAX_WORD_LENGTH:
         return None
     table = bytearray(256)  # byte -> vocabulary index: the boundary token is 0, then the sorted characters

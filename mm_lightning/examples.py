@@ -6,7 +6,8 @@ split is one token stream in the smallest integer dtype that holds the vocabular
 characters): each word as block_size boundary tokens, its characters and the end token. Example i is the window
 of block_size + 1 tokens that starts at i + block_size * (the index of its word in the split): the context, then
 the target. A batch is gathered from the stream and widened to int64 (what the model's embedding takes): the same
-tensors, bit for bit, as the lecture's (tests/test_data.py), for ~1.5 + 8 / (word length + 1) bytes a character.
+tensors, bit for bit, as the lecture's (tests/test_data.py). That is 1 byte an example and block_size + 4 bytes a
+word (its padding and the index of its first example): 2.0 bytes an example for names.txt with block_size 3.
 """
 
 from __future__ import annotations
@@ -71,17 +72,18 @@ def split_order(num_words: int, seed: int) -> dict[str, torch.Tensor]:
     """Word indices of the lecture's split: random.seed(seed); random.shuffle(words); cut at 80% and 90%.
 
     random.shuffle draws the same swaps for any sequence of the same length, so shuffling indices gives the
-    lecture's order; they are shuffled in an array of int64 (8 bytes a word; a list of Python ints takes ~40)."""
-    order = array("q", range(num_words))
+    lecture's order; they are shuffled in an array of int32 (4 bytes a word; a list of Python ints takes ~40)."""
+    dtype = index_dtype(num_words)
+    order = array("i" if dtype == torch.int32 else "q", range(num_words))
     random.Random(seed).shuffle(order)
-    perm = torch.frombuffer(order, dtype=torch.int64).clone() if num_words else torch.empty(0, dtype=torch.int64)
+    perm = torch.frombuffer(order, dtype=dtype).clone() if num_words else torch.empty(0, dtype=dtype)
     n1, n2 = int(0.8 * num_words), int(0.9 * num_words)
     return {"train": perm[:n1], "val": perm[n1:n2], "test": perm[n2:]}
 
 
 class Examples:
     """One split's examples (see the module's docstring): `stream`, the split's words padded as the lecture pads
-    them, and `first`, the index of each word's first example (int64)."""
+    them, and `first`, the index of each word's first example (index_dtype)."""
 
     def __init__(self, stream: torch.Tensor, first: torch.Tensor, block_size: int, num_examples: int):
         self.stream, self.first, self.block_size, self.num_examples = stream, first, block_size, num_examples
@@ -96,7 +98,7 @@ class Examples:
 
     def gather(self, ix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Examples ix (int64, any shape): contexts (*ix.shape, block_size) and targets (*ix.shape), int64."""
-        word = torch.searchsorted(self.first, ix, right=True) - 1
+        word = torch.searchsorted(self.first, ix.to(self.first.dtype), right=True) - 1
         start = ix + self.block_size * word  # where example ix's window begins in the stream
         x = self.stream[start.unsqueeze(-1) + self._context].long()
         return x, self.stream[start + self.block_size].long()
@@ -111,29 +113,49 @@ class Examples:
 
 def build_examples(corpus: Corpus, words: torch.Tensor, block_size: int) -> Examples:
     """The examples of corpus' words `words` (indices, in this order)."""
-    lengths = corpus.lengths.long()
-    src = (torch.cumsum(lengths, 0) - lengths)[words]  # where each word's characters are in corpus.tokens
-    lengths = lengths[words]
-    padded = lengths + (block_size + 1)  # the word in the stream: block_size boundary tokens, characters, end token
-    dst = torch.cumsum(padded, 0) - padded + block_size  # where its characters go
-    stream = torch.zeros(int(padded.sum()), dtype=corpus.tokens.dtype)  # zeros: the boundary token, index 0
-    del padded
-    # the characters, copied a chunk of words at a time: per character, its index within its word, then from-to
-    ends = torch.cumsum(lengths, 0)
-    cuts = torch.searchsorted(ends, torch.arange(CHUNK, max(CHUNK, int(ends[-1]) if len(ends) else 0), CHUNK))
-    cuts = cuts.tolist()
+    src = _starts(corpus.lengths).index_select(0, words)  # where each word's characters are in corpus.tokens
+    lengths = corpus.lengths.index_select(0, words)
+    # in the stream a word takes block_size boundary tokens, its characters, the end token: where its characters go
+    dst = _starts(lengths, block_size + 1).add_(block_size)
+    size = int(dst[-1] + lengths[-1] + 1) if len(words) else 0
+    stream = torch.zeros(size, dtype=corpus.tokens.dtype)  # zeros: the boundary token, index 0
+    # the characters, copied about CHUNK at a time: their int64 indices take 8 bytes each
+    cuts = torch.searchsorted(dst, torch.arange(CHUNK, max(CHUNK, size), CHUNK)).tolist()
     for lo, hi in zip([0, *cuts], [*cuts, len(words)]):
-        n = lengths[lo:hi]
-        within = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-        to, of = torch.repeat_interleave(dst[lo:hi], n) + within, torch.repeat_interleave(src[lo:hi], n) + within
-        stream[to] = corpus.tokens[of]
-    first = torch.cumsum(lengths + 1, 0) - (lengths + 1)
-    return Examples(stream, first, block_size, int((lengths + 1).sum()))
+        if lo < hi:
+            n = lengths[lo:hi].long()
+            stream.index_copy_(0, _runs(dst[lo:hi], n), corpus.tokens.index_select(0, _runs(src[lo:hi], n)))
+    del src, dst
+    first = _starts(lengths, 1)
+    return Examples(stream, first, block_size, int(first[-1] + lengths[-1] + 1) if len(words) else 0)
+
+
+def _starts(lengths: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Where each of consecutive runs of lengths[i] + pad items starts, computed in place in one tensor of the
+    index dtype their total needs."""
+    out = lengths.to(index_dtype(int(lengths.sum(dtype=torch.int64)) + pad * len(lengths)), copy=True).add_(pad)
+    return torch.cumsum(out, 0, out=out).sub_(lengths).sub_(pad)
+
+
+def index_dtype(count: int) -> torch.dtype:
+    """int32 for indices below 2**31 (every index of a names file under the 1 GiB limit): half of int64's memory."""
+    return torch.int32 if count < 2**31 else torch.int64
+
+
+def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 for every i, one after another (int64; every
+    length at least 1): a step of 1 everywhere but at each run's head, summed."""
+    step = torch.ones(int(lengths.sum()), dtype=torch.int64)
+    heads = torch.cumsum(lengths, 0).sub_(lengths)
+    step[heads[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+    step[0] = starts[0]
+    return torch.cumsum(step, 0, out=step)
 
 
 def memory_needed(corpus: Corpus, block_size: int) -> tuple[int, int]:
-    """(bytes the three splits' examples take, bytes building them needs at most beyond the corpus)."""
+    """(bytes the three splits' examples take, bytes storing them needs at most, beyond the corpus)."""
     words, itemsize = len(corpus), corpus.tokens.element_size()
-    stored = (corpus.num_examples + words * block_size) * itemsize + words * 8
-    building = words * 8 * 4 + min(CHUNK, len(corpus.tokens)) * 8 * 6  # per-word int64 offsets, chunk temporaries
+    index = index_dtype(corpus.num_examples + words * block_size).itemsize
+    stored = (corpus.num_examples + words * block_size) * itemsize + words * index
+    building = words * (4 + 3 * index) + min(CHUNK, len(corpus.tokens)) * 8 * 5  # per-word offsets, chunk indices
     return stored, stored + building

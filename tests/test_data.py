@@ -102,7 +102,7 @@ def _lecture_dataset(words: list[str], stoi: dict[str, int], block_size: int = 3
 
 
 def test_examples_are_stored_compactly_and_batches_are_the_lectures(names_file):
-    """The stored examples are uint8 (27 characters), ~2.5 bytes an example where the lecture's int64 tensors take
+    """The stored examples are uint8 (27 characters), ~2 bytes an example where the lecture's int64 tensors take
     32; the minibatches fit draws and the evaluation batches are the lecture's own tensors, indexed."""
     import random
 
@@ -120,8 +120,8 @@ def test_examples_are_stored_compactly_and_batches_are_the_lectures(names_file):
     for name, (X, Y) in lecture.items():
         examples = dm.splits[name]
         assert examples.stream.dtype == torch.uint8 and len(examples) == len(Y)
-        # 1 byte an example, and block_size padding + an int64 offset a word: 2.54 bytes an example for names.txt
-        assert examples.nbytes <= 2.6 * len(Y), (name, examples.nbytes / len(Y))
+        # 1 byte an example, and block_size padding + an int32 index a word: 1.98 bytes an example for names.txt
+        assert examples.nbytes <= 2.0 * len(Y), (name, examples.nbytes / len(Y))
         assert X.dtype == Y.dtype == torch.int64 and X.nbytes + Y.nbytes == 32 * len(Y)
         x, y = examples.tensors()
         assert x.dtype == y.dtype == torch.int64 and torch.equal(x, X) and torch.equal(y, Y)

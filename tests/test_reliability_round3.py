@@ -434,7 +434,7 @@ def test_vectorised_windows_are_the_lectures(names_file, block_size):
 def test_a_names_file_too_large_for_memory_is_refused_before_building(run_copy, capsys, monkeypatch):
     import mm_lightning.data as data
 
-    # 20 MiB: names.txt x 4 needs ~44 MiB (2 MiB stored, ~40 MiB of int64 index temporaries while building)
+    # 20 MiB: names.txt x 4 needs ~34 MiB (2 MiB stored, ~32 MiB of int64 index temporaries while building)
     monkeypatch.setattr(data, "_available_memory", lambda: 20 << 20)
     (run_copy / "more.txt").write_text((run_copy / "data" / "names.txt").read_text() * 4)
     examples = sum(len(word) + 1 for word in (run_copy / "more.txt").read_text().split())  # each character + end
@@ -456,6 +456,7 @@ def test_the_deletion_guard_still_overrides_lightnings_method():
     "content",
     [
         b"anna\nbob\r\ncarl\rdan\n\n  eve \n\tfay\t\n",
+        b"a\nbo\r\nx\r\rmary ann\nyz",
         "\ufeffanna\nbob\n".encode(),
         b"a\x0bb\nc\x0cd\n",
         b"anna\nmr.smith\n",
@@ -464,7 +465,7 @@ def test_the_deletion_guard_still_overrides_lightnings_method():
         b"\n \n",
         "\u00e9mile\nanna\n".encode(),
     ],
-    ids=["line-breaks", "bom", "vt-ff", "boundary", "control", "long", "blank", "non-ascii"],
+    ids=["line-breaks", "short-words", "bom", "vt-ff", "boundary", "control", "long", "blank", "non-ascii"],
 )
 def test_reading_a_plain_ascii_file_at_once_gives_what_the_line_loop_gives(tmp_path, monkeypatch, content):
     """read_words' whole-list path for ASCII files (a large file read in seconds, not a minute): the same words, and
