@@ -27,7 +27,7 @@ DEFAULT_PATH = "data/names.txt"
 NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
 NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 MAX_WORD_LENGTH = 1000  # longer lines are not words: the file is probably not one-word-per-line
-MAX_FILE_BYTES = 1 << 30  # 1 GiB: names.txt is 228 kB; the windows of a larger file would not fit in memory anyway
+MAX_FILE_BYTES = 1 << 30  # 1 GiB: names.txt is 228 kB; below it every example index fits in int32 (examples.py)
 
 
 # ---------------------------------------------------------------------------------------------- the file
