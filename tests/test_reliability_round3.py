@@ -442,6 +442,32 @@ def test_a_names_file_too_large_for_memory_is_refused_before_building(run_copy, 
     assert not (run_copy / "lightning_logs").exists()  # refused before any run directory
 
 
+_OUT_OF_MEMORY = """
+import resource, sys
+from mm_lightning.data import NamesDataModule
+from mm_lightning.errors import UsageError
+address_space = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (address_space + (32 << 20), resource.RLIM_INFINITY))  # 32 MiB more
+try:
+    NamesDataModule(sys.argv[1]).setup()
+except UsageError as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_on_a_names_file_advises_a_smaller_file(tmp_path, names_file):
+    """A real allocation failure while a names file is read and its examples stored (an address-space limit 32 MiB
+    above what the imports took; the available-memory check passes): the line names --data.path, the setting that
+    matters, not the CLI's generic advice to lower --data.batch_size."""
+    big = tmp_path / "big.txt"
+    big.write_text(names_file.read_text() * 20)  # 4.5 MB: storing it needs ~180 MB of int64 index temporaries
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY, str(big)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"out of memory reading data file {big} (4 MiB) and storing its examples; "), proc
+    assert "use a smaller --data.path file" in proc.stdout and "batch_size" not in proc.stdout
+
+
 def test_the_deletion_guard_still_overrides_lightnings_method():
     """RunCheckpoint._remove_checkpoint re-checks a path before Lightning deletes it: a private ModelCheckpoint
     method; if a Lightning upgrade renames it, the guard would silently stop guarding (the state filter remains)."""
