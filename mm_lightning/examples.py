@@ -143,9 +143,13 @@ def index_dtype(count: int) -> torch.dtype:
 
 
 def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 for every i, one after another (int64; every
-    length at least 1): a step of 1 everywhere but at each run's head, summed."""
+    """starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 for every i, one after another (int64): a step of
+    1 everywhere but at each run's head, summed."""
+    if not bool(lengths.all()):  # (an empty word, possible only through build_windows: no characters to place)
+        starts, lengths = starts[lengths > 0], lengths[lengths > 0]
     step = torch.ones(int(lengths.sum()), dtype=torch.int64)
+    if not len(step):
+        return step
     heads = torch.cumsum(lengths, 0).sub_(lengths)
     step[heads[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
     step[0] = starts[0]

@@ -36,6 +36,8 @@ def test_windows_are_the_lectures(tmp_path):
     assert decode(y.tolist()) == "emma."
     x1, _ = build_windows(["ava"], vocab, block_size=1)
     assert [decode(r) for r in x1.tolist()] == [".", "a", "v", "a"]
+    x2, y2 = build_windows(["", "ma", ""], vocab, block_size=2)  # an empty word: one example, '..' -> '.'
+    assert [decode(r) for r in x2.tolist()] == ["..", "..", ".m", "ma", ".."] and decode(y2.tolist()) == ".ma.."
 
 
 def test_split_is_random_seed_42_shuffle_then_80_10_10():
