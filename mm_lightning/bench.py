@@ -44,7 +44,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from mm_lightning.data import NamesDataModule
+from mm_lightning.data import DEFAULT_PATH, NamesDataModule, download_names
+from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig
 
 SIZES = {  # name: (batch size, hidden width, steps for a measurement)
@@ -258,7 +259,7 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str,
     _quiet_noise()
     dm = NamesDataModule(path=data_path)
     dm.setup()
-    (xtr, ytr), (xva, yva) = dm.splits["train"], dm.splits["val"]
+    (xtr, ytr), (xva, yva) = dm.splits["train"].tensors(), dm.splits["val"].tensors()
     rows = []
     for size in sizes:
         batch, hidden, size_steps = SIZES[size]
@@ -410,7 +411,7 @@ def fold_speedup(data_path: str, repeats: int, device: str) -> list[float]:
 
     data = NamesDataModule(path=data_path)
     data.setup()
-    x, y = (t.to(device) for t in data.splits["val"])
+    x, y = (t.to(device) for t in data.splits["val"].tensors())
     torch.manual_seed(0)
     net = MLP(MLPConfig(vocab=data.vocab)).eval()
     for m in net.modules():  # running statistics as a trained network has them
@@ -469,12 +470,20 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except UsageError as e:  # a missing or unusable names file: one line, as the CLI says it
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m mm_lightning.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10000, help="optimizer steps per measurement (small size)")
     p.add_argument("--repeats", type=int, default=5, help="repeats of every variant; medians are reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", default="small,wide", help=f"comma-separated, of {', '.join(SIZES)}")
-    p.add_argument("--data_path", default="data/names.txt")
+    p.add_argument("--data_path", default=DEFAULT_PATH)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile rows (their compiles)")
     p.add_argument(
@@ -493,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fold", action="store_true", help="instead: eval speed of E02's folded BatchNorm network")
     a = p.parse_args(argv)
+    if a.data_path == DEFAULT_PATH and not Path(a.data_path).exists() and not a.short_run:
+        download_names(Path(a.data_path), instead=" or pass --data_path FILE")  # (the DataModule would name its own)
     if a.fold:
         ratios = fold_speedup(a.data_path, a.repeats, a.device)
         print(

@@ -3,10 +3,9 @@ and the DataModule that serves training minibatches and whole-split evaluation b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import random
-import re
 import sys
 import tempfile
 import unicodedata
@@ -20,13 +19,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mm_lightning.errors import UsageError
+from mm_lightning.examples import Corpus, Examples, build_examples, memory_needed, split_order
 
 BOUNDARY = "."  # token 0: pads the context before a word and marks its end
 DEFAULT_PATH = "data/names.txt"
 NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
 NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 MAX_WORD_LENGTH = 1000  # longer lines are not words: the file is probably not one-word-per-line
-MAX_FILE_BYTES = 1 << 30  # 1 GiB: names.txt is 228 kB; the windows of a larger file would not fit in memory anyway
+MAX_FILE_BYTES = 1 << 30  # 1 GiB: names.txt is 228 kB; below it every example index fits in int32 (examples.py)
 
 
 # ---------------------------------------------------------------------------------------------- the file
@@ -65,14 +65,32 @@ def download_names(path: Path, url: str | None = None, timeout: float = 30.0, in
 
 
 def read_words(path: str | os.PathLike) -> list[str]:
-    """The words of a one-word-per-line UTF-8 file.
+    """The words of a one-word-per-line UTF-8 file, as read_corpus reads them."""
+    return read_corpus(path).words()
+
+
+def read_corpus(path: str | os.PathLike) -> Corpus:
+    """The words of a one-word-per-line UTF-8 file, encoded over their vocabulary (build_vocab).
 
     Normalisation (documented in the README): any line break (LF, CRLF, CR) ends a line; a leading BOM is dropped;
     surrounding whitespace is stripped; blank lines are skipped; each word is put in Unicode NFC form. Case and
     non-ASCII letters are kept: they simply become characters of the vocabulary. Anything else is refused with a
-    message naming the line.
+    message naming the line. A file over LARGE_FILE_BYTES is announced on stderr before the long work.
     """
     path = Path(path)
+    raw = _read_file(path)
+    if len(raw) > LARGE_FILE_BYTES:  # a large file takes a while: say what is happening
+        lines = raw.count(b"\n") or raw.count(b"\r")
+        print(f"reading {path} ({len(raw) / 2**20:,.0f} MiB, {lines:,} lines) ...", file=sys.stderr, flush=True)
+    corpus = _ascii_corpus(raw)
+    if corpus is None:
+        words = _line_loop(raw, path)
+        del raw
+        corpus = Corpus.of(words, build_vocab(words))
+    return corpus
+
+
+def _read_file(path: Path) -> bytearray:
     if path.exists() and not path.is_file():  # a FIFO would block forever, /dev/zero fill the memory
         what = "a directory" if path.is_dir() else "not a regular file (a pipe or a device)"
         raise UsageError(f"data file {path} is {what}; pass --data.path FILE, a text file with one word per line")
@@ -82,20 +100,25 @@ def read_words(path: str | os.PathLike) -> list[str]:
             f"(limit {MAX_FILE_BYTES // 2**20} MiB); pass --data.path FILE with one word per line"
         )
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:  # into one buffer: _ascii_corpus works on it in place
+            raw = bytearray(os.fstat(f.fileno()).st_size)
+            del raw[f.readinto(raw) :]  # (a file that shrank meanwhile)
     except FileNotFoundError:
         raise UsageError(f"data file {path} does not exist; pass --data.path FILE (one word per line)") from None
     except OSError as e:
         raise UsageError(f"cannot read data file {path} ({e.strerror}); pass --data.path FILE") from None
+    return raw
+
+
+def _line_loop(raw: bytearray, path: Path) -> list[str]:
+    """read_corpus' words, line by line: any file, every normalisation, a refusal naming the line (~60 bytes of
+    Python objects a word: a large file of plain words goes through _ascii_corpus instead)."""
     if b"\x00" in raw:
         raise UsageError(f"{path} looks binary (it contains NUL bytes); --data.path needs a UTF-8 text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None
-    fast = _ascii_words(text.removeprefix("\ufeff"))
-    if fast is not None:
-        return fast
     words = []
     for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
         word = unicodedata.normalize("NFC", line.strip())
@@ -118,21 +141,42 @@ def read_words(path: str | os.PathLike) -> list[str]:
     return words
 
 
-_UNWANTED_ASCII = re.compile(
-    r"[\x00-\x1f\x7f" + re.escape(BOUNDARY) + "]"
-)  # a control character or the boundary token, inside a word
+_PLAIN = frozenset(range(0x20, 0x7F)) - {ord(BOUNDARY)}  # printable ASCII but the boundary token
+_BREAKS = b"\n\r"
 
 
-def _ascii_words(text: str) -> list[str] | None:
-    """read_words' result for a plain ASCII file, by whole-list operations (a large file's per-word loop takes
-    minutes): NFC leaves ASCII as it is, so only the refusals need checking, and when one applies (or the text is not
-    ASCII) this returns None and read_words' own loop finds the line and says what is wrong."""
-    if not text.isascii():
+def _ascii_corpus(raw: bytearray) -> Corpus | None:
+    """read_corpus' result for a file of plain words, by whole-array operations on its bytes: ~1 byte a character
+    and 4 a word (the per-line loop's Python strings take ~60 a word, ~9x a names file's size, and minutes).
+
+    Plain: printable ASCII words (NFC leaves them as they are), one a line (LF, CRLF or CR), no space around them.
+    For anything else (non-ASCII text, something to strip, refuse or report) this returns None, and read_corpus's
+    per-line loop normalises the file or names the line that is wrong."""
+    if not raw:
         return None
-    words = [word for line in text.splitlines() if (word := line.strip())]
-    if not words or max(map(len, words)) > MAX_WORD_LENGTH or _UNWANTED_ASCII.search("".join(words)):
+    data = torch.frombuffer(raw, dtype=torch.uint8)
+    present = torch.bincount(data, minlength=256).nonzero().squeeze(1).tolist()
+    chars = [b for b in present if b not in _BREAKS]
+    if not chars or not _PLAIN.issuperset(chars):
         return None
-    return words
+    if raw[:1] == b" " or raw[-1:] == b" " or any(s in raw for s in (b" \n", b"\n ", b" \r", b"\r ")):
+        return None  # spaces around a word: the loop strips them
+    is_break = data == _BREAKS[0]
+    is_break |= data == _BREAKS[1]
+    ends = torch.nonzero(is_break).squeeze(1).int()  # where each line ends (int32: the file is under 2 GiB)
+    del is_break
+    last = [] if raw.endswith(b"\n") or raw.endswith(b"\r") else [len(raw)]  # a last line without a break
+    lengths = torch.diff(ends, prepend=torch.tensor([-1], dtype=torch.int32), append=torch.tensor(last).int())
+    del ends
+    lengths.sub_(1)
+    lengths = lengths[lengths > 0]  # blank lines (and CRLF's second break) hold no word
+    if lengths.max() > MAX_WORD_LENGTH:
+        return None
+    table = bytearray(256)  # byte -> vocabulary index: the boundary token is 0, then the sorted characters
+    for index, byte in enumerate(chars, start=1):
+        table[byte] = index
+    tokens = torch.frombuffer(raw.translate(table, _BREAKS), dtype=torch.uint8)  # one pass: mapped, breaks dropped
+    return Corpus(BOUNDARY + "".join(map(chr, chars)), tokens, lengths)
 
 
 # ------------------------------------------------------------------------------------- vocabulary, windows, split
@@ -149,17 +193,22 @@ def _available_memory() -> int | None:
         return None
 
 
-def check_memory_for(words: list[str], block_size: int, path) -> None:
-    """Refuse, before building them, examples that would not fit in memory: every character (and each word's end)
-    is one example of block_size + 1 int64 indices, ~32 bytes with block_size 3 (the file's text is ~1 byte each)."""
-    examples = sum(len(word) + 1 for word in words)
-    needed = examples * (block_size + 1) * 8 * 2  # the windows, and as much again while they are built
+def check_memory_for(corpus: Corpus, block_size: int, path) -> None:
+    """Refuse, before building them, examples that would not fit in memory (mm_lightning.examples: ~1 byte an
+    example and block_size + 8 a word, with int64 temporaries while they are built). Large files say how much."""
+    stored, needed = memory_needed(corpus, block_size)
+    if corpus.num_examples > LARGE_FILE_BYTES:  # as many as the file has bytes: say what happens next
+        print(
+            f"{path}: {len(corpus):,} words, {corpus.num_examples:,} examples; splitting and storing them "
+            f"({_size(stored)}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
     available = _available_memory()
     if available is not None and needed > available:
         raise UsageError(
-            f"data file {path} gives {examples:,} examples: building them needs ~{_size(needed)} of memory, "
-            f"{_size(available)} is available; use a smaller --data.path file (or a smaller "
-            "--data.block_size)"
+            f"data file {path} gives {corpus.num_examples:,} examples: building them needs ~{_size(needed)} of "
+            f"memory, {_size(available)} is available; use a smaller --data.path file"
         )
 
 
@@ -173,47 +222,26 @@ def build_vocab(words: list[str]) -> str:
 
 
 def build_windows(words: list[str], vocab: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (context, next character) pair of every word, contexts padded with the boundary token.
+    """Every (context, next character) pair of every word, contexts padded with the boundary token, as int64.
 
     Exactly the lecture's build_dataset: 'emma' with block_size 3 gives ... -> e, ..e -> m, .em -> m, emm -> a,
-    mma -> '.'.
+    mma -> '.'. (Built through the compact storage the DataModule keeps, mm_lightning.examples.)
     """
-    # vectorised (the same tensors as the lecture's loop, which takes minutes and ~50 bytes a character in Python
-    # lists for a large file): every word and its end token in one sequence of vocabulary indices, then context
-    # column k is the sequence shifted by k where the word has k earlier characters, else the boundary token 0
-    text = "".join(word + BOUNDARY for word in words)
-    if not text:
-        return torch.empty(0, block_size, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()
-    del text
-    codes = torch.tensor([ord(c) for c in vocab], dtype=torch.long)
-    order = torch.argsort(codes)
-    found = torch.searchsorted(codes[order], points).clamp_(max=len(vocab) - 1)
-    if not torch.equal(codes[order][found], points):
-        missing = chr(int(points[codes[order][found] != points][0]))
-        raise KeyError(missing)  # (as the loop's stoi[ch] did)
-    y = order[found]
-    del points, found
-    lengths = torch.tensor([len(word) + 1 for word in words], dtype=torch.long)
-    starts = torch.cumsum(lengths, 0) - lengths
-    pos = torch.arange(len(y)) - torch.repeat_interleave(starts, lengths)  # index of each character in its word
-    del starts, lengths
-    x = torch.zeros(len(y), block_size, dtype=torch.long)
-    for k in range(1, block_size + 1):
-        has = pos >= k
-        x[k:, block_size - k][has[k:]] = y[:-k][has[k:]]
-    return x, y
+    corpus = Corpus.of(words, vocab)
+    return build_examples(corpus, torch.arange(len(corpus)), block_size).tensors()
 
 
 def split_words(words: list[str], seed: int = 42) -> dict[str, list[str]]:
     """The lecture's split: random.seed(42); random.shuffle(words); cut at 80% and 90%."""
-    words = list(words)
-    random.Random(seed).shuffle(words)  # the same permutation as random.seed(seed); random.shuffle(words)
-    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
-    splits = {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
-    if not all(splits.values()):
+    return {name: [words[i] for i in ix.tolist()] for name, ix in split_indices(len(words), seed).items()}
+
+
+def split_indices(num_words: int, seed: int = 42) -> dict[str, torch.Tensor]:
+    """split_words' split as word indices (mm_lightning.examples.split_order), refused when a split is empty."""
+    splits = split_order(num_words, seed)
+    if not all(len(ix) for ix in splits.values()):
         raise UsageError(
-            f"only {len(words)} words: the 80/10/10 split needs at least 10 so that train, val and test are non-empty"
+            f"only {num_words} words: the 80/10/10 split needs at least 10 so that train, val and test are non-empty"
         )
     return splits
 
@@ -269,15 +297,14 @@ class TrainStream(IterableDataset):
 
     def __init__(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        examples: Examples,
         sampler: StepSampler,
         start_step: Callable[[], int],
         steps_per_epoch: int,
         max_steps: int,
     ):
         super().__init__()
-        self.x, self.y, self.sampler, self.start_step = x, y, sampler, start_step
+        self.examples, self.sampler, self.start_step = examples, sampler, start_step
         self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
 
     def epoch_bounds(self) -> tuple[int, int]:
@@ -292,7 +319,7 @@ class TrainStream(IterableDataset):
         while step < stop:  # gathered a sampler block at a time (one indexing op per 100 steps, not two per step)
             end = min(stop, (step // self.sampler.BLOCK + 1) * self.sampler.BLOCK)
             ix = self.sampler.indices(step, end)
-            xs, ys = self.x[ix], self.y[ix]
+            xs, ys = self.examples.gather(ix)  # widened to int64 here, a block at a time
             for i in range(end - step):
                 yield xs[i], ys[i]
             step = end
@@ -302,19 +329,34 @@ class EvalBatches(IterableDataset):
     """This rank's contiguous shard of a split in batches of at most batch_size, without padding or repeats (so
     the loss averaged over ranks is exactly the loss of the whole split)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, examples: Examples, batch_size: int, rank: int = 0, world_size: int = 1):
         super().__init__()
-        n = len(y)
+        n = len(examples)
         self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
-        self.x, self.y, self.batch_size = x, y, batch_size
+        self.examples, self.batch_size = examples, batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(self.lo, self.hi, self.batch_size):
-            j = min(i + self.batch_size, self.hi)
-            yield self.x[i:j], self.y[i:j]
+            yield self.examples.slice(i, min(i + self.batch_size, self.hi))
 
 
 # ------------------------------------------------------------------------------------------------ DataModule
+
+
+@contextlib.contextmanager
+def _memory_for_data(path: Path) -> Iterator[None]:
+    """Running out of memory while reading a names file or storing its examples is the file's doing: say so
+    (the CLI's generic line would advise a smaller batch size, which changes nothing here)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+            raise
+        size = f" ({path.stat().st_size / 2**20:,.0f} MiB)" if path.is_file() else ""
+        raise UsageError(
+            f"out of memory reading data file {path}{size} and storing its examples; "
+            "use a smaller --data.path file (or free memory)"
+        ) from None
 
 
 class NamesDataModule(L.LightningDataModule):
@@ -356,48 +398,52 @@ class NamesDataModule(L.LightningDataModule):
         self.path = Path(path)
         if not self.path.exists() and path == DEFAULT_PATH:
             download_names(self.path, instead=" or pass --data.path FILE")
-        big = self.path.is_file() and self.path.stat().st_size > LARGE_FILE_BYTES
-        if big:  # a large file takes a while: say what is happening
-            print(f"reading {self.path} ({self.path.stat().st_size / 2**20:,.0f} MiB) ...", file=sys.stderr, flush=True)
-        self.words = read_words(self.path)
-        check_memory_for(self.words, block_size, self.path)
+        with _memory_for_data(self.path):
+            self.corpus = read_corpus(self.path)
+            check_memory_for(self.corpus, block_size, self.path)
+            # now, so that too few words fails before any run
+            self.words_by_split = split_indices(len(self.corpus), split_seed)
         # known at construction, so LightningCLI can link it into the model before either is built
-        self.vocab = build_vocab(self.words)
-        self.words_by_split = split_words(self.words, split_seed)  # now, so that too few words fails before any run
+        self.vocab = self.corpus.vocab
         self.block_size, self.batch_size = block_size, batch_size
         self.steps_per_epoch = steps_per_epoch
         self.eval_batch_size, self.seed, self.split_seed = eval_batch_size, seed, split_seed
         self.num_samples = num_samples
-        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.splits: dict[str, Examples] = {}  # after setup(); Examples.tensors() gives a split's int64 (X, Y)
 
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    @property
+    def words(self) -> list[str]:
+        """The file's words as strings (~60 bytes a word in Python: for small files)."""
+        return self.corpus.words()
+
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            for name, words in self.words_by_split.items():
-                self.splits[name] = build_windows(words, self.vocab, self.block_size)
+            with _memory_for_data(self.path):
+                for name, words in self.words_by_split.items():
+                    self.splits[name] = build_examples(self.corpus, words, self.block_size)
 
     @property
     def split_sizes(self) -> dict[str, int]:
         """Examples per split after setup(): {'train': 182625, 'val': 22655, 'test': 22866} for names.txt."""
-        return {name: len(y) for name, (_, y) in self.splits.items()}
+        return {name: len(examples) for name, examples in self.splits.items()}
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> TrainStream:
-        x, y = self.splits["train"]
+        examples = self.splits["train"]
         rank, _ = self._rank()
         trainer = self.trainer
         # minibatches are counted in batches: with gradient accumulation an optimizer step takes several
         per_step = trainer.accumulate_grad_batches if trainer is not None else 1
         stream = TrainStream(
-            x,
-            y,
-            self.train_sampler(len(y), rank),
+            examples,
+            self.train_sampler(len(examples), rank),
             start_step=(lambda: trainer.global_step * per_step) if trainer is not None else (lambda: 0),
             steps_per_epoch=self.steps_per_epoch * per_step,
             max_steps=trainer.max_steps * per_step if trainer is not None and trainer.max_steps >= 0 else -1,
@@ -412,9 +458,8 @@ class NamesDataModule(L.LightningDataModule):
         return StepSampler(num_examples, self.batch_size, self.seed, rank)
 
     def _eval_dataloader(self, split: str) -> DataLoader:
-        x, y = self.splits[split]
         rank, world_size = self._rank()
-        return DataLoader(EvalBatches(x, y, self.eval_batch_size, rank, world_size), batch_size=None)
+        return DataLoader(EvalBatches(self.splits[split], self.eval_batch_size, rank, world_size), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader("val")

@@ -69,7 +69,7 @@ def _run(names, steps, net, batch_size, seed, data_seed, optimizer, scheduler, c
     model = template.net
     dm = NamesDataModule(path=names, batch_size=batch_size, seed=data_seed)
     dm.setup()
-    x, y = dm.splits["train"]
+    x, y = dm.splits["train"].tensors()
     sampler = StepSampler(len(y), batch_size, data_seed)
     params = list(model.parameters())
     opt = optimizer(params)
@@ -107,5 +107,5 @@ def split_loss(names: str, state: dict, net: MLPConfig, split: str = "val") -> f
     module.eval()
     dm = NamesDataModule(path=names)
     dm.setup()
-    x, y = dm.splits[split]
+    x, y = dm.splits[split].tensors()
     return F.cross_entropy(module.net(x), y).item()

@@ -45,6 +45,19 @@ def test_bench_refuses_an_unknown_size(capsys):
     assert "unknown size 'huge'" in capsys.readouterr().err
 
 
+def test_bench_without_the_names_file_offline_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from mm_lightning import data
+    from mm_lightning.bench import main
+
+    monkeypatch.chdir(tmp_path)  # no data/names.txt here
+    monkeypatch.setattr(data, "NAMES_URL", "http://127.0.0.1:9/names.txt")  # nothing listens on port 9: offline
+    assert main(["--sizes", "small", "--steps", "10", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data/names.txt is missing and downloading"), err
+    assert err[0].endswith("copy names.txt to data/names.txt or pass --data_path FILE"), err
+    assert not (tmp_path / "data" / "names.txt").exists()
+
+
 @pytest.mark.slow
 def test_bench_measures_the_diagnostics_cost_inside_a_run(names_file):
     args = ["--blocks", "1", "--steps", "4000", "--data_path", str(names_file)]

@@ -13,6 +13,7 @@ from mm_lightning.data import (
     read_words,
     split_words,
 )
+from mm_lightning.examples import Corpus, Examples, build_examples, compact_dtype
 
 
 def test_names_split_sizes_vocab_and_first_windows(names_file):
@@ -35,6 +36,8 @@ def test_windows_are_the_lectures(tmp_path):
     assert decode(y.tolist()) == "emma."
     x1, _ = build_windows(["ava"], vocab, block_size=1)
     assert [decode(r) for r in x1.tolist()] == [".", "a", "v", "a"]
+    x2, y2 = build_windows(["", "ma", ""], vocab, block_size=2)  # an empty word: one example, '..' -> '.'
+    assert [decode(r) for r in x2.tolist()] == ["..", "..", ".m", "ma", ".."] and decode(y2.tolist()) == ".ma.."
 
 
 def test_split_is_random_seed_42_shuffle_then_80_10_10():
@@ -59,22 +62,93 @@ def test_step_sampler_is_a_pure_function_of_the_step():
     assert not torch.equal(whole, StepSampler(1000, 8, seed=2).indices(0, 350))
 
 
+def _examples(words: list[str], block_size: int = 3) -> Examples:
+    corpus = Corpus.of(words, build_vocab(words))
+    return build_examples(corpus, torch.arange(len(corpus)), block_size)
+
+
+SOME = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia", "harper", "evelyn"]
+
+
 def test_train_stream_yields_step_s_minibatch_from_the_trainer_step_to_the_epoch_end():
-    x, y = torch.arange(50).view(-1, 1), torch.arange(50)
-    sampler = StepSampler(50, 4, 0)
-    batches = list(TrainStream(x, y, sampler, lambda: 130, steps_per_epoch=200, max_steps=-1))
+    examples = _examples(SOME)
+    x, y = build_windows(SOME, build_vocab(SOME), 3)
+    sampler = StepSampler(len(y), 4, 0)
+    batches = list(TrainStream(examples, sampler, lambda: 130, steps_per_epoch=200, max_steps=-1))
     assert len(batches) == 70  # steps 130 .. 199: the epoch ends at the next multiple of 200
     for step, (bx, by) in zip(range(130, 200), batches):
-        ix = StepSampler(50, 4, 0).indices(step, step + 1)[0]  # a fresh sampler: a pure function of the step
+        ix = StepSampler(len(y), 4, 0).indices(step, step + 1)[0]  # a fresh sampler: a pure function of the step
         assert torch.equal(bx, x[ix]) and torch.equal(by, y[ix])
-    capped = list(TrainStream(x, y, sampler, lambda: 0, steps_per_epoch=200, max_steps=120))
+    capped = list(TrainStream(examples, sampler, lambda: 0, steps_per_epoch=200, max_steps=120))
     assert len(capped) == 120
 
 
 def test_eval_batches_cover_every_example_once_across_ranks():
-    x, y = torch.arange(103).view(-1, 1), torch.arange(103)
-    seen = torch.cat([b[1] for r in range(3) for b in EvalBatches(x, y, batch_size=10, rank=r, world_size=3)])
-    assert torch.equal(seen, y)
+    examples = _examples(SOME)
+    x, y = build_windows(SOME, build_vocab(SOME), 3)
+    batches = [b for r in range(3) for b in EvalBatches(examples, batch_size=10, rank=r, world_size=3)]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x) and torch.equal(torch.cat([b[1] for b in batches]), y)
+
+
+def _lecture_dataset(words: list[str], stoi: dict[str, int], block_size: int = 3):
+    """makemore_part3_bn.ipynb's build_dataset, written out as the notebook has it: int64 (X, Y)."""
+    X, Y = [], []
+    for w in words:
+        context = [0] * block_size
+        for ch in w + ".":
+            ix = stoi[ch]
+            X.append(context)
+            Y.append(ix)
+            context = context[1:] + [ix]
+    return torch.tensor(X), torch.tensor(Y)
+
+
+def test_examples_are_stored_compactly_and_batches_are_the_lectures(names_file):
+    """The stored examples are uint8 (27 characters), ~2 bytes an example where the lecture's int64 tensors take
+    32; the minibatches fit draws and the evaluation batches are the lecture's own tensors, indexed."""
+    import random
+
+    words = open(names_file).read().splitlines()  # the notebook's cells 2-5, independently of mm_lightning
+    chars = sorted(set("".join(words)))
+    stoi = {s: i + 1 for i, s in enumerate(chars)} | {".": 0}
+    random.seed(42)
+    random.shuffle(words)
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    lecture = {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
+    lecture = {name: _lecture_dataset(split, stoi) for name, split in lecture.items()}
+
+    dm = NamesDataModule(path=str(names_file), eval_batch_size=10_000)
+    dm.setup()
+    for name, (X, Y) in lecture.items():
+        examples = dm.splits[name]
+        assert examples.stream.dtype == torch.uint8 and len(examples) == len(Y)
+        # 1 byte an example, and block_size padding + an int32 index a word: 1.98 bytes an example for names.txt
+        assert examples.nbytes <= 2.0 * len(Y), (name, examples.nbytes / len(Y))
+        assert X.dtype == Y.dtype == torch.int64 and X.nbytes + Y.nbytes == 32 * len(Y)
+        x, y = examples.tensors()
+        assert x.dtype == y.dtype == torch.int64 and torch.equal(x, X) and torch.equal(y, Y)
+    Xtr, Ytr = lecture["train"]
+    sampler = StepSampler(len(Ytr), dm.batch_size, dm.seed)  # steps 0 .. 249: across two sampler blocks
+    for step, (x, y) in zip(range(250), dm.train_dataloader()):
+        ix = sampler.indices(step, step + 1)[0]
+        assert x.dtype == y.dtype == torch.int64 and torch.equal(x, Xtr[ix]) and torch.equal(y, Ytr[ix])
+    Xdev, Ydev = lecture["val"]
+    batches = list(dm.val_dataloader())
+    assert len(batches) == 3  # 22655 examples, 10000 at a time
+    assert torch.equal(torch.cat([x for x, _ in batches]), Xdev)
+    assert torch.equal(torch.cat([y for _, y in batches]), Ydev)
+
+
+def test_a_vocabulary_over_256_characters_is_stored_in_int16():
+    words = ["".join(chr(0x100 + i + j) for j in range(5)) for i in range(0, 300, 3)]  # 302 characters
+    vocab = build_vocab(words)
+    assert len(vocab) > 256 and compact_dtype(len(vocab)) == torch.int16 and compact_dtype(40_000) == torch.int32
+    examples = _examples(words)
+    assert examples.stream.dtype == torch.int16
+    stoi = {c: i for i, c in enumerate(vocab)}
+    X, Y = _lecture_dataset(words, stoi)
+    x, y = examples.tensors()
+    assert torch.equal(x, X) and torch.equal(y, Y) and int(y.max()) > 255
 
 
 def test_default_path_is_downloaded_when_missing(tmp_path, monkeypatch, names_file):

@@ -45,7 +45,7 @@ def _reference(project, monkeypatch, args: list[str], steps: int, per_rank_batch
     cli = MakemoreCLI(args, run=False)
     net, dm = cli.model.net, cli.datamodule
     dm.setup()
-    x, y = dm.splits["train"]
+    x, y = dm.splits["train"].tensors()
     samplers = [StepSampler(len(y), dm.batch_size, dm.seed, rank) for rank in (0, 1)]
     assert not torch.equal(samplers[0].indices(0, steps), samplers[1].indices(0, steps))  # distinct per rank
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -30,13 +30,13 @@ def test_e01_zero_init_trains_only_the_output_bias_down_to_the_letter_frequencie
     assert moved == ["layers.10.bias"]  # the one parameter that trains: the output bias
     data = NamesDataModule(path="data/names.txt")
     data.setup()
-    _, y = data.splits["train"]
+    x, y = data.splits["train"].tensors()
     frequencies = torch.bincount(y, minlength=27).double() / len(y)
     seen = frequencies[frequencies > 0]
     entropy = -(seen * seen.log()).sum().item()  # the best loss a prediction that ignores the context can reach
     net = MLP(MLPConfig(**checkpoint["hyper_parameters"]["net"]))
     net.load_state_dict(state)
     with torch.no_grad():
-        loss = F.cross_entropy(net.eval()(data.splits["train"][0]), y).item()
+        loss = F.cross_entropy(net.eval()(x), y).item()
     assert entropy - 1e-6 <= loss <= entropy + 0.03, (loss, entropy)
     assert loss < math.log(27) - 0.3  # it did learn something: ln(27) = 3.30 at step 0

@@ -33,7 +33,7 @@ def test_folded_checkpoint_is_the_same_network_without_batchnorm(project, monkey
     assert not any(isinstance(m, nn.BatchNorm1d) for m in b.modules())
     data = NamesDataModule(path="data/names.txt")
     data.setup()
-    x, y = data.splits["val"]  # the whole val split
+    x, y = data.splits["val"].tensors()  # the whole val split
     with torch.no_grad():
         out_a, out_b = a(x), b(x)
     assert (out_a - out_b).abs().max().item() < 1e-5

@@ -15,7 +15,7 @@ from mm_lightning.model import MLP, MLPConfig, generate
 def train_split(names_file):
     dm = NamesDataModule(path=str(names_file))
     dm.setup()
-    return dm.splits["train"]
+    return dm.splits["train"].tensors()
 
 
 def test_shapes_and_the_lectures_parameter_count():

@@ -559,7 +559,7 @@ def test_the_notebooks_batchnorm_folds_like_torchs(deep_run, names_file):
     assert isinstance(net.layers[1], LectureBatchNorm1d)
     data = NamesDataModule(path=str(names_file))
     data.setup()
-    x, _ = data.splits["val"]
+    x, _ = data.splits["val"].tensors()
     with torch.no_grad():
         assert torch.allclose(fold_batchnorm(net)(x), net(x), atol=1e-5, rtol=0)
         first = MLP(MLPConfig(n_hidden=200, n_layers=1, output_batchnorm=False, bn_style="lecture_first"))

@@ -454,11 +454,38 @@ def test_vectorised_windows_are_the_lectures(names_file, block_size):
 def test_a_names_file_too_large_for_memory_is_refused_before_building(run_copy, capsys, monkeypatch):
     import mm_lightning.data as data
 
-    monkeypatch.setattr(data, "_available_memory", lambda: 50 << 20)  # 50 MiB: names.txt needs ~14 MiB x 2
+    # 20 MiB: names.txt x 4 needs ~34 MiB (2 MiB stored, ~32 MiB of int64 index temporaries while building)
+    monkeypatch.setattr(data, "_available_memory", lambda: 20 << 20)
     (run_copy / "more.txt").write_text((run_copy / "data" / "names.txt").read_text() * 4)
     examples = sum(len(word) + 1 for word in (run_copy / "more.txt").read_text().split())  # each character + end
     _refused(capsys, ["fit", "--data.path", "more.txt", *FAST], f"gives {examples:,} examples: building them needs ~")
     assert not (run_copy / "lightning_logs").exists()  # refused before any run directory
+
+
+_OUT_OF_MEMORY = """
+import resource, sys
+from mm_lightning.data import NamesDataModule
+from mm_lightning.errors import UsageError
+address_space = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (address_space + (32 << 20), resource.RLIM_INFINITY))  # 32 MiB more
+try:
+    NamesDataModule(sys.argv[1]).setup()
+except UsageError as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_on_a_names_file_advises_a_smaller_file(tmp_path, names_file):
+    """A real allocation failure while a names file is read and its examples stored (an address-space limit 32 MiB
+    above what the imports took; the available-memory check passes): the line names --data.path, the setting that
+    matters, not the CLI's generic advice to lower --data.batch_size."""
+    big = tmp_path / "big.txt"
+    big.write_text(names_file.read_text() * 20)  # 4.5 MB: storing it needs ~180 MB of int64 index temporaries
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY, str(big)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"out of memory reading data file {big} (4 MiB) and storing its examples; "), proc
+    assert "use a smaller --data.path file" in proc.stdout and "batch_size" not in proc.stdout
 
 
 def test_the_deletion_guard_still_overrides_lightnings_method():
@@ -475,6 +502,7 @@ def test_the_deletion_guard_still_overrides_lightnings_method():
     "content",
     [
         b"anna\nbob\r\ncarl\rdan\n\n  eve \n\tfay\t\n",
+        b"a\nbo\r\nx\r\rmary ann\nyz",
         "\ufeffanna\nbob\n".encode(),
         b"a\x0bb\nc\x0cd\n",
         b"anna\nmr.smith\n",
@@ -483,7 +511,7 @@ def test_the_deletion_guard_still_overrides_lightnings_method():
         b"\n \n",
         "\u00e9mile\nanna\n".encode(),
     ],
-    ids=["line-breaks", "bom", "vt-ff", "boundary", "control", "long", "blank", "non-ascii"],
+    ids=["line-breaks", "short-words", "bom", "vt-ff", "boundary", "control", "long", "blank", "non-ascii"],
 )
 def test_reading_a_plain_ascii_file_at_once_gives_what_the_line_loop_gives(tmp_path, monkeypatch, content):
     """read_words' whole-list path for ASCII files (a large file read in seconds, not a minute): the same words, and
@@ -495,7 +523,7 @@ def test_reading_a_plain_ascii_file_at_once_gives_what_the_line_loop_gives(tmp_p
     results = []
     for fast in (True, False):
         if not fast:
-            monkeypatch.setattr(data, "_ascii_words", lambda text: None)
+            monkeypatch.setattr(data, "_ascii_corpus", lambda raw: None)
         try:
             results.append(data.read_words(path))
         except data.UsageError as e:

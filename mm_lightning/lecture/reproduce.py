@@ -82,8 +82,11 @@ def evaluate(checkpoint: Path, data_path: str | None = None) -> tuple[int, dict[
         raise UsageError(f"{checkpoint} was trained on another vocabulary than {dm.path}")
     dm.setup()
     # each split in one pass, as the notebook's split_loss: its mean is then the notebook's to the last bit
-    with one_thread_if_small(net, min(len(x) for x, _ in dm.splits.values())):  # whole splits: all threads
-        losses = {split: F.cross_entropy(net(x), y).item() for split, (x, y) in dm.splits.items()}
+    with one_thread_if_small(net, min(map(len, dm.splits.values()))):  # whole splits: all threads
+        losses = {}
+        for split, examples in dm.splits.items():
+            x, y = examples.tensors()  # the split as the lecture's int64 tensors
+            losses[split] = F.cross_entropy(net(x), y).item()
     return int(ckpt["global_step"]), losses
 
 
