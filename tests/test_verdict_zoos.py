@@ -590,3 +590,31 @@ def test_an_ema_copy_is_not_watched(capsys):
     diag = train(zoo.WithEMA(), zoo.loader(*zoo.features()), 2, 1, verbose=True)
     assert [w.name for w in diag.watched] == ["net.1", "net.3"]
     assert "not in ema: no parameter there trains" in capsys.readouterr().err
+
+
+class TokenTable(L.LightningModule):
+    """A 1000-row embedding table under SGD 0.1, batches of 8 x 16 tokens: each step touches at most 128 rows, so the
+    whole table's update:data ratio is far below its rows' (Lightning's demo Transformer: -4.1 at step 200)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(1000, 32), nn.Linear(32, 1000)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.emb(x).mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.slow
+def test_a_lookup_table_is_not_barely_learning_for_its_untouched_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 1000, (2048, 16), generator=g)
+    y = x[:, 0]  # learnable: the first token
+    diag = train(TokenTable(), zoo.loader(x, y, batch_size=8), 200, 20)
+    table = [p.log10_update_ratio for s in diag.samples[1:] for p in s.weights if p.name == "emb.weight"]
+    assert len(table) >= 6 and all(r < -4 for r in table), table  # what the SGD band called "barely learns"
+    assert diag._tables == {"emb.weight"}
+    assert [f for f in diag.failing if f[1] == "update_ratio" and f[2] == "emb.weight"] == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from .capture import Capture
@@ -141,6 +142,8 @@ class TrainingDiagnostics(Capture, Scheduling, Logging, FigureJobs, Callback):
         self._depth = {w.name: i for i, w in enumerate(self.watched)}
         self._depth |= {name: i for i, (name, _) in enumerate(pl_module.named_parameters())}
         self._normalised = normalised_groups(pl_module, group)
+        tables = [m for m in pl_module.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+        self._tables = {self._param_names[id(m.weight)] for m in tables if id(m.weight) in self._param_names}
         self._order, self.output_layers, self._outputs_found = None, set(), False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

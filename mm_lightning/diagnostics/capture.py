@@ -69,6 +69,7 @@ class Capture:
         self._outputs_found = False
         self.output_layers: set[str] = set()  # watched layers after which no parameterised module runs
         self._normalised: set[str] = set()  # parts of the model with normalisation layers (see select)
+        self._tables: set[str] = set()  # lookup tables (nn.Embedding weights): see verdicts.Context.tables
         self._trained_how: dict[str, str] = {}  # parameter -> its optimizer's family (see verdicts.optimizer_family)
         self._lr_set: dict[str, float] = {}  # parameter -> the learning rate set (its scheduler's base)
         self._at_step: dict[int, tuple[dict[str, float], set[str]]] = {}  # sampled step -> lr shortfall, frozen

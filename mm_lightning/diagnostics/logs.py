@@ -70,6 +70,7 @@ class Logging:
             output_layers=self.output_layers,
             normalised_groups=self._normalised,
             history_steps={name: [i for i, _ in points[-window:]] for name, points in self.update_history.items()},
+            tables=self._tables,
         )
         verdicts = judge(s, self.health, expected, history, context)
         self.last_snapshot, self.last_verdicts = s, verdicts
