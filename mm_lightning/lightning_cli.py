@@ -20,6 +20,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch.nn import BatchNorm1d
 
 from mm_lightning import compat, preflight
@@ -116,6 +117,11 @@ class MakemoreCLI(LightningCLI):
         """--optimizer / --lr_scheduler replace the module's own SGD and step decay. A scheduler steps every
         optimizer step, as the module's own does (Lightning's CLI default would step it once per epoch)."""
         if lr_scheduler is None:
+            name, lr = type(optimizer).__name__, optimizer.param_groups[0]["lr"]
+            rank_zero_info(  # (the module's step decay goes with its SGD: said, not dropped silently)
+                f"--optimizer {name} without --lr_scheduler: the learning rate stays {lr:g} (the module's step decay "
+                f"is replaced too; add --lr_scheduler to schedule it); TensorBoard logs it as lr-{name}"
+            )
             return optimizer
         scheduler = {"scheduler": lr_scheduler, "interval": "step", "name": LR_TAG}
         if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

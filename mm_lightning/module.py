@@ -120,7 +120,8 @@ class MakemoreModule(L.LightningModule):
         self.num_classes = net.vocab_size  # diagnostics compare the loss at step 0 with ln(num_classes)
         # float64 sums: loss x examples must not overflow (or round) on a whole split
         self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
-        self._checkpoint_step = 0  # the step of the checkpoint loaded (evaluation restores no loop state)
+        self._checkpoint_step: int | None = None  # the step of the checkpoint loaded (evaluation restores no loop
+        # state); None: none loaded, as `trainer.validate(model)` right after `trainer.fit` in Python
         self.train_loss = IntervalMean()  # logged as train/loss where the logger writes (on_train_batch_end)
 
     @property
@@ -246,7 +247,8 @@ class MakemoreModule(L.LightningModule):
         """Log at the step the result belongs to: the trainer's while fitting, the checkpoint's for `validate` and
         `test` (Lightning would put those at step 0). A logged "step" is Lightning's own way to set the x-axis.
         The value is already global (torchmetrics syncs it); sync_dist only keeps Lightning from warning."""
-        step = self.global_step if self.trainer.state.fn == "fit" else self._checkpoint_step
+        loaded = self.trainer.state.fn != "fit" and self._checkpoint_step is not None
+        step = self._checkpoint_step if loaded else self.global_step
         self.log(name, value, prog_bar=name == "val/loss", sync_dist=True)
         self.log("step", float(step), sync_dist=True)
 

@@ -22,8 +22,9 @@ LOSS_GROUP = "0 loss"
 
 
 def tensorboard_tag(name: str) -> str:
-    """A metric's TensorBoard tag: "0 loss/<name>" for a loss (train/loss, val/loss, test/loss), else its name."""
-    return f"{LOSS_GROUP}/{name}" if name.rsplit("/", 1)[-1] == "loss" else name
+    """A metric's TensorBoard tag: "0 loss/<name>" for a loss curve (train/loss, val/loss, a user's x/loss), else its
+    name. test/loss (one point, written by `test`) keeps its own group: in "0 loss" it would sort before train."""
+    return f"{LOSS_GROUP}/{name}" if name.rsplit("/", 1)[-1] == "loss" and name != "test/loss" else name
 
 
 class RunLogger(TensorBoardLogger):

@@ -266,3 +266,27 @@ def test_lr_scheduler_without_optimizer_is_refused(project, monkeypatch, capsys)
     args = ["fit", "--trainer.max_steps", "5", *NET_ARGS, "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "2"]
     assert main(args) == 2
     assert "--lr_scheduler needs --optimizer" in capsys.readouterr().err
+
+
+def test_validate_from_python_after_fit_logs_at_the_trained_step(names_file):
+    """`trainer.validate(model, dm)` right after `trainer.fit` (the README's Python use) loads no checkpoint: its
+    val/loss belongs to the step the model reached, not to step 0."""
+    import lightning as L
+
+    from mm_lightning.data import NamesDataModule
+    from mm_lightning.model import MLPConfig
+    from mm_lightning.module import MakemoreModule
+
+    dm = NamesDataModule(path=str(names_file), steps_per_epoch=7)
+    model = MakemoreModule(net=MLPConfig(vocab=dm.vocab, n_hidden=8, n_layers=1))
+    trainer = L.Trainer(
+        max_steps=7,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, dm)
+    trainer.validate(model, dm, verbose=False)
+    assert trainer.callback_metrics["step"].item() == 7

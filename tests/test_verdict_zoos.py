@@ -618,3 +618,40 @@ def test_a_lookup_table_is_not_barely_learning_for_its_untouched_rows():
     assert len(table) >= 6 and all(r < -4 for r in table), table  # what the SGD band called "barely learns"
     assert diag._tables == {"emb.weight"}
     assert [f for f in diag.failing if f[1] == "update_ratio" and f[2] == "emb.weight"] == []
+
+
+class ReLUMLP(L.LightningModule):
+    """A 2-layer ReLU MLP; its optimizer and schedule as given."""
+
+    def __init__(self, schedule: bool = False):
+        super().__init__()
+        self.net, self.schedule = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), schedule
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        sgd = torch.optim.SGD(self.parameters(), lr=0.1)
+        if not self.schedule:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        decay = torch.optim.lr_scheduler.StepLR(sgd, step_size=1, gamma=1e-4)  # 1e-12 by step 3: updates are 0.0
+        return {"optimizer": sgd, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+def test_a_batch_of_one_is_not_all_units_dead():
+    """With one example per batch every unit is 'constant over the batch' (Lightning's BoringModel loads batches of
+    one): not judged, rather than '100% of units dead'."""
+    diag = train(ReLUMLP(), zoo.loader(*zoo.features(), batch_size=1), 3, 1)
+    assert [f for f in diag.failing if f[1] == "dead_units"] == []
+    said = [v.message for v in diag.last_verdicts if v.check == "dead_units"]
+    assert said and all("one value per unit" in m and "not judged" in m for m in said), said
+
+
+def test_updates_of_exactly_zero_under_a_decayed_schedule_are_not_barely_learning():
+    """StepLR down to 1e-12 and below: lr x grad underflows, the update is exactly 0 (log10 -inf). That says nothing
+    about the learning rate set (docs/verdicts.md: a decayed schedule is not 'barely learns')."""
+    diag = train(ReLUMLP(schedule=True), zoo.loader(*zoo.features()), 14, 1)
+    ratios = [p.log10_update_ratio for p in diag.samples[-1].weights]
+    assert all(r == float("-inf") for r in ratios), ratios  # the case: no update at all
+    assert [f for f in diag.failing if f[1] == "update_ratio"] == []

@@ -262,6 +262,10 @@ def judge(
                 )
             )
     for x in hidden:
+        if x.values_per_unit is not None and x.values_per_unit < 2:  # a batch of one: every unit is "constant"
+            message = f"{x.name} ({x.kind}): one value per unit in this batch: dead units cannot be told (not judged)"
+            out.append(Verdict("dead_units", x.name, True, message))
+            continue
         few = x.saturation is None and x.values_per_unit is not None and x.values_per_unit < t.dead_evidence
         ok = x.dead <= (t.max_dead_few_values if few else t.max_dead)
         fix = "lower the init scale feeding it" if x.saturation is not None else "check its bias and learning rate"
@@ -410,6 +414,9 @@ def _update_ratios(weights, t: HealthThresholds, history, c: Context, judged_by_
         # the rows that learn by an unknown factor. Lightning's demo Transformer (vocab 1000, SGD 0.1) sits at -4.1
         # at step 200. Not judged "barely learns"; "too high" still is (the table's ratio only understates).
         too_low = full and all(v < low for v in at_set_lr) and p.name not in c.tables
+        # an update of exactly 0 (log10 -inf) under a decayed schedule is float32 underflow of lr x grad (StepLR at
+        # 1e-12): no evidence about the learning rate set, whatever its shortfall says
+        too_low = too_low and not any(math.isinf(v) and s > 0.05 for v, s in zip(recent, shortfall))
         lr_set = c.lr_set.get(p.name)
         sized = p.data_std > 0 and math.isfinite(p.data_std)
         if family == "adaptive" and lr_set is not None and sized:
