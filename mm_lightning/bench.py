@@ -502,6 +502,11 @@ def _main(argv: list[str] | None) -> int:
     )
     p.add_argument("--fold", action="store_true", help="instead: eval speed of E02's folded BatchNorm network")
     a = p.parse_args(argv)
+    sizes = [s for s in a.sizes.split(",") if s]  # bad arguments first: before any download or work
+    if unknown := [s for s in sizes if s not in SIZES]:
+        p.error(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     if a.data_path == DEFAULT_PATH and not Path(a.data_path).exists() and not a.short_run:
         download_names(Path(a.data_path), instead=" or pass --data_path FILE")  # (the DataModule would name its own)
     if a.fold:
@@ -533,11 +538,6 @@ def _main(argv: list[str] | None) -> int:
         print(f"diagnostics cost at every_n_steps 100, on/off in alternating 1000-step blocks, {a.blocks} runs:")
         print(f"median {100 * statistics.median(costs):+.1f}%, per run " + ", ".join(f"{100 * c:+.1f}%" for c in costs))
         return 0
-    sizes = [s for s in a.sizes.split(",") if s]
-    if unknown := [s for s in sizes if s not in SIZES]:
-        p.error(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
     rows = run(a.steps, a.repeats, a.device, sizes, a.data_path, compiled=not a.no_compile)
     hardware = f"{a.device}: " + (
         torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} threads"
