@@ -44,4 +44,5 @@ def test_stories_offline_or_with_a_missing_file_say_so_in_one_line(tmp_path, mon
     assert main(["--out", "s", "--data_path", "nowhere.txt"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere.txt" in err and err.count("\n") == 1, err
+    assert "--data_path" in err and "--data.path" not in err, err  # this command's option, not fit's
     assert list(tmp_path.iterdir()) == []

@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--max_steps must be at least 1, got {a.max_steps}")
         jobs = a.jobs or max(1, min(len(a.configs), os.cpu_count() or 1))
         run(a.configs, a.out, jobs, a.max_steps, a.data_path)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UsageError as e:  # the data's line names fit's option; this command's is --data_path
+        print(f"error: {str(e).replace('--data.path', '--data_path')}", file=sys.stderr)
         return 2
     return 0
 

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.data_path == DEFAULT_PATH and not Path(a.data_path).exists():
             download_names(Path(a.data_path), instead=" or pass --data_path FILE")
         diagnoses = {name: diagnose(str(CONFIGS / f"{name}.yaml"), 0, **{"data.path": a.data_path}) for name in STORIES}
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UsageError as e:  # the data's line names fit's option; this command's is --data_path
+        print(f"error: {str(e).replace('--data.path', '--data_path')}", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
     lines = []
