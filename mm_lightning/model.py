@@ -117,20 +117,28 @@ class MLP(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         c = self.config
-        nn.init.normal_(self.embedding.weight)  # N(0, 1): the lecture's C
+        self.init_embedding(self.embedding.weight)
         if c.init == "zeros":
             self.embedding.weight.zero_()
         linears = [m for m in self.layers if isinstance(m, nn.Linear)]
         for i, linear in enumerate(linears):
             is_output = i == len(linears) - 1
             own_scheme = is_output and c.output_init is not None
-            _init_linear(
+            self.init_linear(
                 linear,
                 scheme=c.output_init if own_scheme else c.init,
                 gain=1.0 if own_scheme else c.gain,
                 bias_scale=c.output_bias_scale if is_output else c.bias_scale,
             )
         self.finish_init()
+
+    def init_embedding(self, weight: torch.Tensor) -> None:
+        """Draw the embedding table: N(0, 1), the lecture's C (a subclass may draw it otherwise)."""
+        nn.init.normal_(weight)
+
+    def init_linear(self, linear: nn.Linear, scheme: str, gain: float, bias_scale: float) -> None:
+        """Draw one Linear's weights (and bias) by the config's scheme (a subclass may draw them otherwise)."""
+        _init_linear(linear, scheme, gain, bias_scale)
 
     @torch.no_grad()
     def finish_init(self) -> None:

@@ -106,29 +106,23 @@ class NotebookMLP(MLP):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        c = self.config
-        self.init_generator_state: torch.Tensor | None = None
-        if c.init_seed is None:
-            super().reset_parameters()  # torch's global generator, as the core MLP draws
-            return
-        generator = torch.Generator().manual_seed(c.init_seed)
-        nn.init.normal_(self.embedding.weight, generator=generator)  # C = torch.randn(..., generator=g)
-        if c.init == "zeros":
-            self.embedding.weight.zero_()
-        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
-        for i, linear in enumerate(linears):
-            is_output = i == len(linears) - 1
-            own_scheme = is_output and c.output_init is not None
-            _init_linear_from(
-                linear,
-                scheme=c.output_init if own_scheme else c.init,
-                gain=1.0 if own_scheme else c.gain,
-                bias_scale=c.output_bias_scale if is_output else c.bias_scale,
-                generator=generator,
-                cell13=c.init_draws == "cell13",
-            )
-        self.finish_init()
-        self.init_generator_state = generator.get_state()
+        """With init_seed, the core's init with every draw from one generator, in the notebook's order; without,
+        the core's own (torch's global generator)."""
+        seed = self.config.init_seed
+        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        super().reset_parameters()
+        self.init_generator_state = None if self._generator is None else self._generator.get_state()
+
+    def init_embedding(self, weight: torch.Tensor) -> None:
+        if self._generator is None:
+            return super().init_embedding(weight)
+        nn.init.normal_(weight, generator=self._generator)  # C = torch.randn(..., generator=g)
+
+    def init_linear(self, linear: nn.Linear, scheme: str, gain: float, bias_scale: float) -> None:
+        if self._generator is None:
+            return super().init_linear(linear, scheme, gain, bias_scale)
+        cell13 = self.config.init_draws == "cell13"
+        _init_linear_from(linear, scheme, gain, bias_scale, generator=self._generator, cell13=cell13)
 
 
 def _init_linear_from(
