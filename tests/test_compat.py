@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.connectors.logger_connector.logger_connector impo
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection, _ResultMetric
 
 from mm_lightning import compat
-from mm_lightning.speed import gate, private
+from mm_lightning.speed import gate, private, sgd
 
 
 def test_the_installed_lightning_is_a_verified_version():
@@ -209,3 +209,60 @@ def test_the_one_line_error_of_a_class_path_argument_is_found_inside_jsonargpars
     assert type(raised.value) is ValueError  # wrapped: what the CLI gets
     found = compat.usage_error_within(raised.value, UsageError)
     assert isinstance(found, UsageError) and str(found) == "x.txt is missing; copy names.txt there"
+
+
+# ------------------------------------------------------------------------------------------- torch's SGD step
+
+
+def test_the_installed_torch_is_one_the_sgd_step_was_verified_against():
+    version = torch.__version__.split("+")[0]
+    assert version in sgd.TORCH_VERIFIED, (
+        f"torch {version} is not in mm_lightning/speed/sgd.py's TORCH_VERIFIED: the lean loop steps SGD through "
+        "optimizer.step there. To verify it, read the mirrored functions, run tests/test_sgd_step.py, record them"
+    )
+    assert sgd.why_not_verified() is None
+
+
+@pytest.mark.parametrize("path", sgd.MIRRORED, ids=[p.partition(":")[2] for p in sgd.MIRRORED])
+def test_the_torch_code_the_sgd_step_mirrors_is_unchanged(path):
+    name = path.partition(":")[2]
+    expected = sgd.TORCH_VERIFIED.get(torch.__version__.split("+")[0], {}).get(name)
+    assert gate.fingerprint(gate.resolve(path)) == expected, f"torch changed {name}: re-check sgd.py against it"
+
+
+def test_the_sgd_fingerprint_is_of_sgds_own_step_under_its_wrappers():
+    import torch.optim.sgd as torch_sgd
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # wraps SGD.step for the profiler
+    source = inspect.getsource(inspect.unwrap(torch.optim.SGD.step))
+    assert "_init_group" in source and source.lstrip().startswith("@_use_grad_for_differentiable")
+    expected = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert gate.fingerprint(gate.resolve("torch.optim.sgd:SGD.step")) == expected
+    assert gate.resolve("torch.optim.sgd:_multi_tensor_sgd") is torch_sgd._multi_tensor_sgd
+
+
+def test_the_sgd_step_refuses_another_torch_or_changed_code(monkeypatch):
+    import torch.optim.sgd as torch_sgd
+
+    monkeypatch.setattr(torch, "__version__", "2.99.0+cpu")
+    assert sgd.why_not_verified().startswith("torch 2.99.0 is not a version its SGD step was verified against")
+    monkeypatch.undo()
+    original = torch_sgd._multi_tensor_sgd
+    monkeypatch.setattr(torch_sgd, "_multi_tensor_sgd", lambda *a, **k: original(*a, **k))
+    assert sgd.why_not_verified().startswith("torch's _multi_tensor_sgd is not the code its SGD step was verified")
+
+
+def test_the_private_names_of_the_sgd_step_behave_as_used():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, 1)  # wraps opt.step: the wrapper sets _opt_called
+    assert getattr(opt.step, "_wrapped_by_lr_sched", False) and getattr(type(opt).step, "hooked", False)
+    opt._opt_called = False
+    opt.step()
+    assert opt._opt_called is True
+    assert private.profiler_enabled() is False
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert private.profiler_enabled() is True
+    handle = opt.register_step_post_hook(lambda *a: None)
+    assert private.optimizer_step_is_hooked(opt)
+    handle.remove()
+    assert not private.optimizer_step_is_hooked(opt)

@@ -14,9 +14,10 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
-from mm_lightning.speed import private
+from mm_lightning.speed import private, sgd
 from mm_lightning.speed.graphed import GraphedSGDStep, can_graph, why_not_graphable
 from mm_lightning.speed.private import ClosureResult, call_module_hook
+from mm_lightning.speed.sgd import SGDStep
 
 # hooks inside one optimizer step, and where Lightning declares their no-op defaults
 STEP_HOOKS = ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
@@ -86,6 +87,13 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         self.lean_strategy_batch_start = overrides(trainer.strategy, "on_train_batch_start", Strategy)
         self.lean_takes_batch_idx = "batch_idx" in self._build_kwargs(OrderedDict(), None, 0)
         self.lean_params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+        # a plain SGD steps without torch's per-call wrappers where that is exact (sgd.py); else optimizer.step
+        self.lean_sgd: SGDStep | None = None
+        self.lean_sgd_why: str | None = None  # why not, where the optimizer is an SGD but torch is not verified
+        if SGDStep.why_not(trainer.optimizers[0]) is None:
+            self.lean_sgd_why = sgd.why_not_verified()
+            if self.lean_sgd_why is None:
+                self.lean_sgd = SGDStep(trainer.optimizers[0])
         self.lean_modules = list(module.modules())
         self.lean_module = module  # trainer.lightning_module, without its property lookups every step
         self.lean_graph: GraphedSGDStep | None = None
@@ -233,6 +241,8 @@ class LeanEpochLoop(private.TrainingEpochLoop):
             previous = private.set_current_fx(module, "optimizer_step")
             if self.lean_plain_step:
                 trainer.strategy.optimizer_step(optimizer, closure)  # hooks and clipping after the closure
+            elif self.lean_sgd is not None:
+                self.lean_sgd.step(closure)  # optimizer.step(closure), without its wrappers where exact
             else:
                 optimizer.step(closure)
             private.set_current_fx(module, previous)
@@ -305,4 +315,6 @@ def install(trainer: L.Trainer, module: L.LightningModule, cuda_graph: bool) -> 
         raise
     on_gpu = trainer.strategy.root_device.type == "cuda"
     extra = "" if not on_gpu else ", CUDA graph steps" if graphs is None else f", eager steps: {graphs}"
+    if loop.lean_sgd_why is not None:
+        extra += f"; SGD steps through optimizer.step: {loop.lean_sgd_why}"
     return restore, extra

@@ -203,16 +203,38 @@ def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     torch._foreach_copy_(dst, src)
 
 
-def step_is_observed(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module]) -> bool:
-    """Whether any hook watches an optimizer step or a module's forward/backward (then it must run eagerly: a CUDA
-    graph replay would run no hook). torch keeps the hooks in private dicts and has no public way to ask."""
-    from torch.nn.modules import module as m
+def optimizer_step_is_hooked(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether step pre/post hooks (the optimizer's own or global ones) would run around optimizer.step(). torch
+    keeps them in private dicts and has no public way to ask."""
     from torch.optim import optimizer as o
 
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return True
-    if o._global_optimizer_pre_hooks or o._global_optimizer_post_hooks:
+    return bool(o._global_optimizer_pre_hooks or o._global_optimizer_post_hooks)
+
+
+def step_is_observed(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module]) -> bool:
+    """Whether any hook watches an optimizer step or a module's forward/backward (then it must run eagerly: a CUDA
+    graph replay would run no hook). torch keeps the hooks in private dicts and has no public way to ask."""
+    from torch.nn.modules import module as m
+
+    if optimizer_step_is_hooked(optimizer):
         return True
     if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
         return True
     return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks for x in modules)
+
+
+# ------------------------------------------------------------------------------------------------ the SGD step
+
+
+def profiler_enabled() -> bool:
+    """Whether a torch profiler is recording (then SGD steps go through optimizer.step, which the profiler labels
+    "Optimizer.step#SGD.step"). torch.autograd._profiler_enabled is the check torch's own record_function uses."""
+    return torch.autograd._profiler_enabled()
+
+
+def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """What the LR scheduler's wrapper of optimizer.step records on each call: its check that the optimizer stepped
+    before the scheduler did (it warns otherwise) reads this flag."""
+    optimizer._opt_called = True
