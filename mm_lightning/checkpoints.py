@@ -76,6 +76,16 @@ def net_config_class(net: dict) -> tuple[type, dict]:
     return NotebookMLPConfig, dict(net)
 
 
+def current_hparams(hparams: dict) -> dict:
+    """A checkpoint's model hyperparameters in this version's layout. Checkpoints written while the notebook's update
+    was the module's own option hold model.update: 'torch' (the module's SGD) or 'lecture' (the lecture kit's
+    NotebookSGD, now the config's optimizer:). It is dropped; with 'lecture', lr, milestones and lr_decay go too:
+    they configured that optimizer, not the module's own SGD (see resume.trained_optimizer)."""
+    update = hparams.get("update")
+    drop = {"update"} | ({"lr", "milestones", "lr_decay"} if update == "lecture" else set())
+    return {k: v for k, v in hparams.items() if k not in drop}
+
+
 def checkpoint_net(checkpoint: dict):
     """The network of a checkpoint load_checkpoint accepted (its weights fit its hyperparameters), with them."""
     cls, args = net_config_class(checkpoint["hyper_parameters"]["net"])
@@ -84,12 +94,11 @@ def checkpoint_net(checkpoint: dict):
     return net
 
 
-
 def check_checkpoint(checkpoint: dict, path) -> None:
     """A checkpoint fit wrote: known hyperparameters, a whole global_step, weights of the shapes they build."""
     from mm_lightning.module import MakemoreModule
 
-    hparams = checkpoint["hyper_parameters"]
+    hparams = current_hparams(checkpoint["hyper_parameters"])
     module_args = set(inspect.signature(MakemoreModule).parameters)
     config_class, net_args = net_config_class(hparams["net"])
     net_fields = {f.name for f in dataclasses.fields(config_class)}

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.nn import BatchNorm1d
 
 from mm_lightning import compat, preflight
+from mm_lightning.checkpoints import current_hparams
 from mm_lightning.data import NamesDataModule
 from mm_lightning.diagnostics import TrainingDiagnostics
 from mm_lightning.errors import NothingToDo, UsageError
@@ -31,7 +32,15 @@ from mm_lightning.model import MLPConfig
 from mm_lightning.module import LR_TAG, MakemoreModule
 from mm_lightning.nonfinite import StopOnNonFiniteLoss
 from mm_lightning.progress import StepProgressBar
-from mm_lightning.resume import Resume, _model_args, _refuse_changed_model, current_layout, list_or
+from mm_lightning.resume import (
+    RecordOptimizer,
+    Resume,
+    _model_args,
+    _refuse_changed_model,
+    _refuse_changed_optimizer,
+    current_layout,
+    list_or,
+)
 from mm_lightning.runlogger import RunLogger
 from mm_lightning.runs import (
     RUNS_DIRNAME,
@@ -146,7 +155,7 @@ class MakemoreCLI(LightningCLI):
         version = version_of(path, runs)
         run_config = path.parent.parent / "config.yaml"
         own_run = version is not None or subcommand != "fit"  # evaluating: a run from anywhere, with its config
-        hparams = checkpoint["hyper_parameters"]
+        hparams = current_hparams(checkpoint["hyper_parameters"])  # (written by an earlier version: as it would be now)
         base = []
         if own_run and run_config.is_file() and not any(a.split("=")[0] == "--config" for a in args):
             preflight.check_config_files(["--config", str(run_config)])  # a damaged one is named, in one line
@@ -162,6 +171,7 @@ class MakemoreCLI(LightningCLI):
         config.ckpt_path = str(path)
         _refuse_changed_model(hparams, config.model.as_dict(), path, resuming=subcommand == "fit")
         if subcommand == "fit":
+            _refuse_changed_optimizer(checkpoint, config, path)
             preflight.check_resumable(checkpoint, path)
             preflight.check_resumed_data(checkpoint, config.data.init_args.as_dict(), path, run_config)
         self.resume = Resume(path, version, int(checkpoint.get("global_step", 0)), hparams["net"]["vocab"])
@@ -209,7 +219,7 @@ class MakemoreCLI(LightningCLI):
             )
         if config.get("optimizer"):
             defaults = {k: v.default for k, v in inspect.signature(MakemoreModule).parameters.items()}
-            changed = [k for k in ("lr", "milestones", "lr_decay", "update") if list_or(config.model[k]) != defaults[k]]
+            changed = [k for k in ("lr", "milestones", "lr_decay") if list_or(config.model[k]) != defaults[k]]
             if changed:
                 raise UsageError(
                     f"--model.{changed[0]} configures the module's own SGD, which --optimizer replaces; "
@@ -267,7 +277,7 @@ class MakemoreCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
         callbacks = trainer.get("callbacks") or []
         callbacks = [ResumedRunLogs(), *(callbacks if isinstance(callbacks, list) else [callbacks])]  # first
-        callbacks.append(StopOnNonFiniteLoss())
+        callbacks += [StopOnNonFiniteLoss(), RecordOptimizer()]
         if trainer.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())
         # train/lr (the scheduler's "name") every log_every_n_steps optimizer steps, beside train/loss
@@ -335,6 +345,8 @@ def _quiet_noise() -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")  # we pass argv on purpose
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # a deprecation inside Lightning itself
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a resumed run's own checkpoints
+    # --optimizer replacing the module's own SGD is what it is for (configs/lecture/notebook_*.yaml select theirs)
+    warnings.filterwarnings("ignore", message=".*configure_optimizers` will be overridden.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42"
 

@@ -23,7 +23,6 @@ from torchmetrics import MeanMetric
 from mm_lightning import compat
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLPConfig, generate
-from mm_lightning.notebook_sgd import NotebookSGD
 
 LR_TAG = "train/lr"  # the learning rate's tag, for every scheduler (see configure_optimizers)
 # what a run that produced a NaN/Inf can do about it; its checkpoints are never touched by the stop
@@ -73,7 +72,6 @@ class MakemoreModule(L.LightningModule):
         lr: float = 0.1,
         milestones: list[int] = [150_000],
         lr_decay: float = 0.1,
-        update: Literal["torch", "lecture"] = "torch",
         compile: bool = False,
         compile_mode: CompileMode = "default",
     ):
@@ -83,8 +81,6 @@ class MakemoreModule(L.LightningModule):
             lr: SGD learning rate before the first milestone (the default optimizer; --optimizer replaces it).
             milestones: optimizer steps at which the learning rate is multiplied by lr_decay.
             lr_decay: factor applied at each milestone (0.1 -> 0.01 as in the lecture).
-            update: 'torch' torch.optim.SGD (p.add_(grad, alpha=-lr), one rounding); 'lecture' the notebook's own
-                p.data += -lr * p.grad (two roundings: notebook_sgd.NotebookSGD), for the notebook-exact configs.
             compile: run training steps through torch.compile(net) (speed only: the same updates to float rounding;
                 checkpoints are the same, so a run resumes with or without it). Steps a hook watches (the
                 diagnostics' sampled ones) and evaluation run the network eagerly. See docs/compile.md.
@@ -97,8 +93,6 @@ class MakemoreModule(L.LightningModule):
             raise UsageError(f"--model.milestones must be positive and strictly increasing, got {list(milestones)}")
         if not 0 < lr_decay <= 1:
             raise UsageError(f"--model.lr_decay must be in (0, 1], got {lr_decay}")
-        if update not in ("torch", "lecture"):
-            raise UsageError(f"--model.update must be torch or lecture, got {update!r}")
         if compile_mode not in CompileMode.__args__:
             modes = ", ".join(CompileMode.__args__)
             raise UsageError(f"--model.compile_mode must be one of {modes}; got {compile_mode!r}")
@@ -109,7 +103,7 @@ class MakemoreModule(L.LightningModule):
             )
         # plain values only, so checkpoints load with torch.load(weights_only=True); compile is not among them: it
         # changes no result, so a run may resume with or without it
-        hparams = {"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay, "update": update}
+        hparams = {"net": asdict(net), "lr": lr, "milestones": list(milestones), "lr_decay": lr_decay}
         self.save_hyperparameters(hparams)
         self.net = net.build()  # MLP(net), or the network a subclass of MLPConfig builds
         self.compile_mode = compile_mode if compile else None
@@ -153,10 +147,8 @@ class MakemoreModule(L.LightningModule):
 
     def configure_optimizers(self):
         """The lecture's SGD, its learning rate multiplied by lr_decay at each milestone (counted in steps)."""
-        if self.hparams["update"] == "lecture":
-            optimizer = NotebookSGD(self.parameters(), lr=self.hparams.lr)
-        else:  # foreach: one call updates every parameter, the same numbers as a loop over them (the GPU default)
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, foreach=True)
+        # foreach: one call updates every parameter, the same numbers as a loop over them (the GPU default)
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, foreach=True)
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.hparams.milestones, self.hparams.lr_decay)
         # "name": the tag LearningRateMonitor logs it under (the CLI adds one: train/lr in TensorBoard)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": LR_TAG}}

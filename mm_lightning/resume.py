@@ -1,18 +1,21 @@
 """Resuming and evaluating a checkpoint: what it was trained with, as command-line arguments, and refusing a
-command that would silently change it. Also the run config of a run written before the lecture kit's options left
-the core (current_layout).
+command that would silently change it (its model, its optimizer's class). Also the run config of a run written
+before the lecture kit's options left the core (current_layout).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from mm_lightning.checkpoints import net_config_class
 from mm_lightning.errors import UsageError
@@ -59,7 +62,6 @@ def _refuse_changed_model(hparams: dict, given: dict, path: Path, resuming: bool
     _, net = net_config_class(hparams["net"])
     expected = {f"net.{k}": v for k, v in net.items() if k != "vocab"}
     expected.update({k: v for k, v in hparams.items() if k != "net"})
-    expected.setdefault("update", "torch")  # checkpoints from before model.update existed were trained with torch's SGD
     given_net = _net_given(given)
     flat = {f"net.{k}": v for k, v in given_net.items()}
     flat.update({k: v for k, v in given.items() if k != "net"})
@@ -82,11 +84,64 @@ def _refuse_changed_model(hparams: dict, given: dict, path: Path, resuming: bool
             )
 
 
+OPTIMIZER_RECORD = "optimizer_class"  # a checkpoint's record of its optimizer's class path (RecordOptimizer)
+
+
+class RecordOptimizer(Callback):
+    """Writes the optimizer's class path into every checkpoint (a plain string), so that a resumed run can refuse
+    another optimizer: Lightning would load the state into whatever the command builds, without a word."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if len(trainer.optimizers) == 1:
+            checkpoint[OPTIMIZER_RECORD] = _class_path(type(trainer.optimizers[0]))
+
+
+def trained_optimizer(checkpoint: dict) -> str | None:
+    """The class path of the optimizer a checkpoint was trained with, where it says: RecordOptimizer's record, or,
+    written before the notebook's update left the core, model.update 'lecture' (NotebookSGD). None: not known (an
+    older checkpoint's 'torch' allowed --optimizer beside it)."""
+    recorded = checkpoint.get(OPTIMIZER_RECORD)
+    if isinstance(recorded, str):
+        return recorded
+    if (checkpoint.get("hyper_parameters") or {}).get("update") == "lecture":
+        from mm_lightning.lecture.optim import NotebookSGD
+
+        return _class_path(NotebookSGD)
+    return None
+
+
+def given_optimizer(config) -> str:
+    """The class path of the optimizer a parsed command trains with: --optimizer's, or the module's own SGD."""
+    optimizer = config.get("optimizer")
+    if not optimizer:
+        return _class_path(torch.optim.SGD)
+    module, _, name = optimizer["class_path"].rpartition(".")  # the parser has resolved it: it imports
+    return _class_path(getattr(importlib.import_module(module), name))
+
+
+def _refuse_changed_optimizer(checkpoint: dict, config, path: Path) -> None:
+    """A resumed run keeps its optimizer: another class would take over the saved state (the notebook-exact configs'
+    NotebookSGD silently becoming torch's SGD, say)."""
+    from mm_lightning.lecture.optim import NotebookSGD
+
+    want, got = trained_optimizer(checkpoint), given_optimizer(config)
+    if want is None and got == _class_path(NotebookSGD):  # an earlier version's, without model.update lecture
+        want = "torch's SGD or --optimizer's (it records no optimizer, and no model.update lecture)"
+    if want is not None and want != got:
+        example = " (configs/lecture/notebook_*.yaml give NotebookSGD)" if want.endswith(".NotebookSGD") else ""
+        raise UsageError(
+            f"{path} was trained with the optimizer {want} but this command gives {got}; a resumed run keeps its "
+            f"optimizer: give the run's --config, or its optimizer: and lr_scheduler:{example}"
+        )
+
+
 def current_layout(run_config: Path) -> Path:
     """A run's config.yaml in this version's layout. Runs written before the notebook-exact options left the core
     hold them as model.net.bn_style, linear_style, init_seed, init_draws and data.sampler: at their defaults they are
-    dropped; otherwise they select the lecture kit's classes (NotebookMLPConfig, NotebookNamesDataModule). The
-    translation goes to a temporary file (the run's own file is only read); a current config is returned as it is."""
+    dropped; otherwise they select the lecture kit's classes (NotebookMLPConfig, NotebookNamesDataModule). Their
+    model.update is dropped too; 'lecture' becomes the lecture kit's optimizer (NotebookSGD, with model.lr) and
+    MultiStepLR (model.milestones, model.lr_decay), as configs/lecture/notebook_*.yaml select them. The translation
+    goes to a temporary file (the run's own file is only read); a current config is returned as it is."""
     config = yaml.safe_load(run_config.read_text(encoding="utf-8"))
     changed = False
     for section in (config.get(k) for k in ("fit", "validate", "test", "predict")):
@@ -103,6 +158,13 @@ def current_layout(run_config: Path) -> Path:
 def _current_layout(config: dict) -> bool:
     changed = False
     model, data = config.get("model"), config.get("data")
+    if isinstance(model, dict) and "update" in model:  # the notebook's update was model.update: lecture
+        if model.pop("update") == "lecture":
+            optimizer = {"lr": model.pop("lr")}
+            config["optimizer"] = {"class_path": "mm_lightning.lecture.NotebookSGD", "init_args": optimizer}
+            schedule = {"milestones": model.pop("milestones"), "gamma": model.pop("lr_decay")}
+            config["lr_scheduler"] = {"class_path": "torch.optim.lr_scheduler.MultiStepLR", "init_args": schedule}
+        changed = True
     net = model.get("net") if isinstance(model, dict) else None
     if isinstance(net, dict) and "class_path" not in net:
         cls, args = net_config_class(net)

@@ -230,60 +230,79 @@ def test_what_cell_13_never_draws_is_refused_not_drawn():
 
 
 def test_the_notebooks_update_is_never_silently_replaced(names_file):
-    """--optimizer replaces the module's own SGD, so it is refused beside --model.update lecture; a checkpoint
-    written before model.update existed was trained with torch's SGD, and resuming it with the notebook's is refused."""
-    from mm_lightning.cli import MakemoreCLI, _refuse_changed_model
+    """The config's --optimizer replaces the module's own SGD, so the module's SGD options are refused beside it; a
+    checkpoint trained with the notebook's update (recorded, or an earlier version's model.update lecture) is not
+    resumed with another optimizer, nor one written before without model.update lecture with the notebook's."""
+    from mm_lightning.cli import MakemoreCLI
     from mm_lightning.errors import UsageError
+    from mm_lightning.resume import _refuse_changed_optimizer
 
-    with pytest.raises(UsageError, match="--model.update configures the module's own SGD"):
-        MakemoreCLI(["--data.path", str(names_file), "--model.update", "lecture", "--optimizer", "SGD"], run=False)
-    old = {"net": {"n_hidden": 100}, "lr": 0.1, "milestones": [150000], "lr_decay": 0.1}  # no "update"
-    with pytest.raises(UsageError, match="model.update='torch' but this command gives 'lecture'"):
-        _refuse_changed_model(old, {"net": {"n_hidden": 100}, "update": "lecture"}, Path("old.ckpt"))
-    _refuse_changed_model(old, {"net": {"n_hidden": 100}, "update": "torch"}, Path("old.ckpt"))
+    with pytest.raises(UsageError, match="--model.milestones configures the module's own SGD"):
+        MakemoreCLI(["--config", str(DEEP), "--data.path", str(names_file), "--model.milestones", "[30]"], run=False)
+    torch_sgd = MakemoreCLI(["--data.path", str(names_file)], run=False).config
+    notebook = MakemoreCLI(["--config", str(DEEP), "--data.path", str(names_file)], run=False).config
+    old = {"net": {"n_hidden": 100}, "lr": 0.1, "milestones": [150000], "lr_decay": 0.1}  # no "update", no record
+    recorded = {"hyper_parameters": old, "optimizer_class": "mm_lightning.lecture.optim.NotebookSGD"}
+    for lecture in (recorded, {"hyper_parameters": {**old, "update": "lecture"}}):
+        with pytest.raises(UsageError, match="trained with the optimizer mm_lightning.lecture.optim.NotebookSGD but "
+                           "this command gives torch.optim.sgd.SGD"):
+            _refuse_changed_optimizer(lecture, torch_sgd, Path("old.ckpt"))
+        _refuse_changed_optimizer(lecture, notebook, Path("old.ckpt"))
+    with pytest.raises(UsageError, match="trained with the optimizer torch.optim.sgd.SGD"):
+        _refuse_changed_optimizer({"hyper_parameters": old, "optimizer_class": "torch.optim.sgd.SGD"}, notebook, "x")
+    for before in (old, {**old, "update": "torch"}):  # written before model.update existed, or with torch
+        with pytest.raises(UsageError, match="trained with the optimizer torch's SGD or --optimizer's"):
+            _refuse_changed_optimizer({"hyper_parameters": before}, notebook, Path("old.ckpt"))
+        _refuse_changed_optimizer({"hyper_parameters": before}, torch_sgd, Path("old.ckpt"))
 
 
 @pytest.mark.parametrize("marker,config", [("ud.append", DEEP), ("bnmean_running = 0.999", FIRST_BN)])
-def test_the_update_is_the_notebooks_own_lines(marker, config):
-    """The notebook's `# update` lines, read from cells 14 and 7 and run on random gradients, against the module's
-    optimizer and scheduler as the config builds them: bit for bit, across the learning-rate milestone (moved to
-    step 3 in both, so that a few steps cross it). torch's SGD rounds once and differs."""
+def test_the_update_is_the_notebooks_own_lines(marker, config, names_file):
+    """The notebook's `# update` lines, read from cells 14 and 7 and run on random gradients, against the optimizer
+    and scheduler the config builds (through the CLI, as fit does): bit for bit, across the learning-rate milestone
+    (moved to step 3 in both, so that a few steps cross it). torch's SGD (the module's own) rounds once and differs."""
+    from mm_lightning.cli import MakemoreCLI
+
     source = notebook_code(marker)
     update = re.search(r"^  # update\n(.*?)\n\n", source, re.M | re.S).group(1)
     rule = re.search(r"lr = ([\d.]+) if i < (\d+) else ([\d.]+)", update)
-    model = yaml.safe_load(config.read_text())["model"]
-    assert (model["lr"], model["milestones"]) == (float(rule[1]), [int(rule[2])])
+    spec = yaml.safe_load(config.read_text())
+    lr, schedule = spec["optimizer"]["init_args"]["lr"], spec["lr_scheduler"]["init_args"]
+    assert (lr, schedule["milestones"]) == (float(rule[1]), [int(rule[2])])
     # MultiStepLR's 0.1 * 0.1 is 0.010000000000000002, the notebook's literal 0.01: the same float32, which is what
     # `-lr * p.grad` multiplies by
-    decayed = model["lr"] * model.get("lr_decay", 0.1)
+    decayed = lr * schedule["gamma"]
     assert torch.tensor(decayed, dtype=torch.float32) == torch.tensor(float(rule[3]), dtype=torch.float32)
     update = update.replace(f"i < {rule[2]}", "i < 3")
     assert update.count("\n") == 2 and "p.data += -lr * p.grad" in update, update  # the rule and the loop, nothing else
+    args = ["--config", str(config), "--data.path", str(names_file), "--lr_scheduler.init_args.milestones", "[3]"]
+    module = MakemoreCLI(args, run=False).model
+    initial = [p.detach().clone() for p in module.parameters()]
 
-    def trained(update_rule: str | None) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        net = MLP(MLPConfig(n_hidden=8, n_layers=2, batchnorm=False, output_batchnorm=False))
-        params = list(net.parameters())
-        if update_rule is not None:
-            module = MakemoreModule(net=net.config, lr=model["lr"], milestones=[3], update=update_rule)
-            module.net.load_state_dict(net.state_dict())
-            params = list(module.net.parameters())
-            step = module.configure_optimizers()
-            optimizer, scheduler = step["optimizer"], step["lr_scheduler"]["scheduler"]
+    def trained(how: str) -> list[torch.Tensor]:
+        with torch.no_grad():
+            for p, value in zip(module.parameters(), initial, strict=True):
+                p.copy_(value)
+        params = list(module.parameters())
+        if how != "notebook":  # the config's optimizer (the CLI's configure_optimizers), or the module's own
+            own = MakemoreModule.configure_optimizers(module) if how == "torch" else module.configure_optimizers()
+            optimizer, scheduler = own["optimizer"], own["lr_scheduler"]["scheduler"]
+            assert own["lr_scheduler"]["interval"] == "step"  # it steps with every optimizer step, as i counts
         grads = torch.Generator().manual_seed(1)
         for i in range(6):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=grads) * 0.3
-            if update_rule is None:
+            if how == "notebook":
                 with torch.no_grad():
                     exec(textwrap.dedent(update), {"i": i, "parameters": params})
             else:
                 optimizer.step()
                 scheduler.step()
-        return [p.detach() for p in params]
+        return [p.detach().clone() for p in params]
 
-    notebook = trained(None)
-    assert_bitwise(trained(model["update"]), notebook)
+    notebook = trained("notebook")
+    assert_bitwise(trained("config"), notebook)
+    module.hparams.milestones = [3]  # the module's own SGD, its milestone moved too
     torch_sgd = trained("torch")
     assert not all(torch.equal(a, b) for a, b in zip(torch_sgd, notebook)), "torch's SGD would not be told apart"
 
@@ -514,7 +533,8 @@ def test_short_runs_are_the_notebooks_code_bit_for_bit(config, notebook_data, na
 
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(config), "--data.path", str(names_file), "--trainer.max_steps", str(SHORT)]
-    assert main([*args, "--model.milestones", "[30]", "--trainer.enable_model_summary", "false"]) == 0
+    milestone = ("--lr_scheduler.init_args.milestones", "[30]")
+    assert main([*args, *milestone, "--trainer.enable_model_summary", "false"]) == 0
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     if config == DEEP_NOBN:
         cell_13 = without_batchnorm(notebook_code("class BatchNorm1d"))

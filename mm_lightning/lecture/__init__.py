@@ -4,6 +4,7 @@
 
 - nets.py: NotebookMLPConfig / NotebookMLP, the notebook's BatchNorm and Linear classes, its seeded init;
 - data.py: NotebookNamesDataModule, the notebook's one minibatch stream;
+- optim.py: NotebookSGD, the notebook's update `p.data += -lr * p.grad` (selected as the config's `optimizer:`);
 - sampling.py: names one at a time, as the notebook samples (`sample --one_at_a_time`);
 - reproduce.py, stories.py, fold.py: the lecture's table, its init stories, exercise E02 (fold-batchnorm);
 - the Jupyter API, below (mm_lightning/diagnose.py):
@@ -23,6 +24,7 @@ from mm_lightning.lecture.nets import (
     NotebookMLP,
     NotebookMLPConfig,
 )
+from mm_lightning.lecture.optim import NotebookSGD
 
 __all__ = [
     "Diagnosis",
@@ -32,6 +34,7 @@ __all__ = [
     "NotebookMLP",
     "NotebookMLPConfig",
     "NotebookNamesDataModule",
+    "NotebookSGD",
     "NotebookSampler",
     "diagnose",
     "run_diagnosis",

@@ -14,11 +14,17 @@ import torch
 
 from mm_lightning.data import NamesDataModule
 from mm_lightning.errors import UsageError
+from mm_lightning.lecture.nets import NotebookMLP
+from mm_lightning.module import MakemoreModule
 
 DATA = "--data mm_lightning.lecture.NotebookNamesDataModule"
 NOTEBOOK_NEEDS_INIT_SEED = (
     f"{DATA} continues the generator of the model's init; "
     "set --model.net.init_seed too (the notebook's is 2147483647; --model.net mm_lightning.lecture.NotebookMLPConfig)"
+)
+NOTEBOOK_NEEDS_NOTEBOOK_NET = (
+    f"{DATA} continues the generator of the notebook network's init, and the model's network is {{}}: use "
+    "--model.net mm_lightning.lecture.NotebookMLPConfig and set --model.net.init_seed (the notebook's is 2147483647)"
 )
 NOTEBOOK_ONE_PROCESS = (
     f"{DATA} is one stream for one process; use sampler steps with DDP (the default NamesDataModule's)"
@@ -51,6 +57,17 @@ class NotebookSampler:
         return torch.stack([self._draw() for _ in range(start, stop)])
 
 
+def init_generator_state(model: MakemoreModule) -> torch.Tensor:
+    """Where the model's init left its generator: a MakemoreModule whose network is the lecture kit's NotebookMLP
+    (--model.net mm_lightning.lecture.NotebookMLPConfig), with init_seed."""
+    if not isinstance(model, MakemoreModule):
+        what = f"unknown ({type(model).__name__} is not a MakemoreModule)"
+        raise UsageError(NOTEBOOK_NEEDS_NOTEBOOK_NET.format(what))
+    if not isinstance(model.net, NotebookMLP):
+        raise UsageError(NOTEBOOK_NEEDS_NOTEBOOK_NET.format(type(model.net).__name__))
+    if model.net.init_generator_state is None:
+        raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)
+    return model.net.init_generator_state
 
 
 class NotebookNamesDataModule(NamesDataModule):
@@ -69,14 +86,13 @@ class NotebookNamesDataModule(NamesDataModule):
     def connect(self, model, processes: int) -> None:
         """Called by the CLI once the model exists, before the trainer (and DDP's processes): follow the model's
         init generator, and refuse what the one stream cannot honour."""
-        self.follow_init_generator(getattr(getattr(model, "net", None), "init_generator_state", None))
+        self.follow_init_generator(init_generator_state(model))
         if processes > 1:
             raise UsageError(NOTEBOOK_ONE_PROCESS)
 
     def train_sampler(self, num_examples: int, rank: int) -> NotebookSampler:
         if self.init_generator_state is None and self.trainer is not None:  # (used from Python, without the CLI)
-            net = getattr(self.trainer.lightning_module, "net", None)
-            self.init_generator_state = getattr(net, "init_generator_state", None)
+            self.init_generator_state = init_generator_state(self.trainer.lightning_module)
         if self.init_generator_state is None:
             raise UsageError(NOTEBOOK_NEEDS_INIT_SEED)
         if self.trainer is not None and self.trainer.world_size > 1:

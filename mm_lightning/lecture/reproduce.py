@@ -96,9 +96,12 @@ def _fit_command(config: Path, root: Path, max_steps: int | None) -> list[str]:
     if max_steps is not None:  # a shorter run: the learning-rate decay moves with it, keeping its shape
         spec = yaml.safe_load(config.read_text()) or {}
         full = (spec.get("trainer") or {}).get("max_steps", 200_000)
-        milestones = (spec.get("model") or {}).get("milestones", [150_000])
+        # the module's own step decay, or the config's lr_scheduler (the notebook-exact configs' MultiStepLR)
+        scheduler = ((spec.get("lr_scheduler") or {}).get("init_args") or {}).get("milestones")
+        milestones = scheduler or (spec.get("model") or {}).get("milestones", [150_000])
         scaled = [max(1, round(m * max_steps / full)) for m in milestones]
-        cmd += ["--trainer.max_steps", str(max_steps), "--model.milestones", str(scaled)]
+        option = "--lr_scheduler.init_args.milestones" if scheduler else "--model.milestones"
+        cmd += ["--trainer.max_steps", str(max_steps), option, str(scaled)]
     last = root / "lightning_logs"
     if any(last.glob("version_*/checkpoints/last.ckpt")):
         cmd += ["--ckpt_path", "last"]  # continue an interrupted run (a finished one stops at once)
