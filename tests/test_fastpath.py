@@ -391,3 +391,70 @@ def test_training_step_neither_waits_for_the_device_nor_logs_between_logger_writ
         for loss in losses[first + 1 : first + 4]:
             total = total + loss
         assert torch.equal(value, total / 4)
+
+
+class ValidationSteps(Callback):
+    """The optimizer step of every validation run, and the steps a plateau scheduler stepped at."""
+
+    def __init__(self):
+        self.validated, self.lrs = [], []
+
+    def on_validation_start(self, trainer, pl_module):
+        self.validated.append(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class PlateauModule(MakemoreModule):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5, threshold=1.0)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": plateau, "monitor": "train/loss", "interval": "step", "frequency": 7},
+        }
+
+
+VALIDATION_SCHEDULES = {  # Trainer arguments: when Lightning validates (the lean loop skips its check elsewhere)
+    "every-epoch": dict(),
+    "every-2nd-epoch": dict(check_val_every_n_epoch=2),
+    "every-13-steps": dict(val_check_interval=13, check_val_every_n_epoch=None),
+    "none": dict(limit_val_batches=0),
+    "plateau-scheduler": dict(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", VALIDATION_SCHEDULES)
+def test_the_lean_loop_validates_and_steps_schedulers_where_lightning_does(names_file, tmp_path, schedule):
+    runs = []
+    for lean in (True, False):
+        L.seed_everything(5)
+        module = (PlateauModule if schedule == "plateau-scheduler" else MakemoreModule)(net=NET, milestones=[30])
+        seen, fast = ValidationSteps(), FastPath(lean_loop=lean)
+        trainer = L.Trainer(
+            max_steps=70,
+            default_root_dir=tmp_path / str(lean),
+            callbacks=[fast, seen],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=5,
+            num_sanity_val_steps=0,
+            **VALIDATION_SCHEDULES[schedule],
+        )
+        trainer.fit(module, NamesDataModule(path=str(names_file), steps_per_epoch=20))
+        assert fast.path == ("lean" if lean else "plain")
+        runs.append((seen.validated, seen.lrs, module.state_dict()))
+    (validated, lrs, state), (validated_plain, lrs_plain, state_plain) = runs
+    assert validated == validated_plain and lrs == lrs_plain
+    _same(state, state_plain, "state_dict")
+    expected = {"every-epoch": [20, 40, 60, 70], "every-2nd-epoch": [40, 70], "none": []}
+    if schedule in expected:
+        assert validated == expected[schedule]
+    if schedule == "every-13-steps":
+        assert validated == [13, 26, 39, 52, 65]
+    if schedule == "plateau-scheduler":
+        assert len(set(lrs)) > 1  # it did step

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mm_lightning.speed import private, sgd
 from mm_lightning.speed.graphed import GraphedSGDStep, can_graph, why_not_graphable
@@ -86,6 +87,7 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         )
         self.lean_strategy_batch_start = overrides(trainer.strategy, "on_train_batch_start", Strategy)
         self.lean_takes_batch_idx = "batch_idx" in self._build_kwargs(OrderedDict(), None, 0)
+        self.lean_plateau = any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs)
         self.lean_params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
         # a plain SGD steps without torch's per-call wrappers where that is exact (sgd.py); else optimizer.step
         self.lean_sgd: SGDStep | None = None
@@ -180,6 +182,20 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         self.batch_progress.increment_completed()
         if private.logs_this_step(trainer):
             connector.update_train_step_metrics()
+
+    def on_advance_end(self, data_fetcher) -> None:
+        """_TrainingEpochLoop.on_advance_end, minus its validation checks (~15 us) where no validation can follow
+        this batch (private.validation_may_run) and no scheduler steps on a plateau: what it does then is count the
+        step, save the loggers when stopping, and check for SIGTERM. Otherwise, Lightning's own."""
+        if self.restarting or self._skip_next_val or self.lean_plateau or private.validation_may_run(self):
+            return super().on_advance_end(data_fetcher)
+        self._batches_that_stepped += 1  # "if not self._should_accumulate()": the lean loop never accumulates
+        if self.trainer.should_stop:  # _save_loggers_on_train_batch_end
+            for logger in self.trainer.loggers:
+                logger.save()
+        if not self._is_training_done and self.trainer.received_sigterm:
+            raise SIGTERMException
+        return None
 
     def _optimizer_step(self, batch, batch_idx: int) -> dict:
         """_AutomaticOptimization.run for one optimizer and no accumulation: the closure (training_step, zero_grad,
