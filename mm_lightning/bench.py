@@ -8,6 +8,7 @@ Run: python -m mm_lightning.bench [--steps 10000] [--repeats 5] [--device cpu|cu
      python -m mm_lightning.bench --blocks 4 --steps 20000   # the diagnostics' cost inside runs, free of drift
      python -m mm_lightning.bench --short_run 300 --repeats 5  # the default callback on a short demo fit
      python -m mm_lightning.bench --fold --repeats 5            # E02: eval with BatchNorm folded vs not
+     python -m mm_lightning.bench --marginal 2000,8000          # (N2-N1)/(T2-T1) of whole runs: bench_marginal.py
 
 Rows:
 - lecture loop: makemore part 3's loop (torch.randint minibatch, forward, p.grad = None, backward,
@@ -39,11 +40,13 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from mm_lightning import bench_marginal
 from mm_lightning.data import DEFAULT_PATH, NamesDataModule, download_names
 from mm_lightning.errors import UsageError
 from mm_lightning.model import MLP, MLPConfig
@@ -61,29 +64,41 @@ COMPILED = ("--model.compile", "true")  # torch.compile's default mode
 class Stopwatch(L.Callback):
     """Times fit's steady state: from the batch at step `warm_up` to the end of the last batch (as the lecture loop
     is timed after its warm-up). What a run pays once on top (step 0's diagnostics and figures, the figure worker's
-    start, the final validation, checkpoint and figures) is kept apart: `one_off` seconds."""
+    start, the final validation, checkpoint and figures) is kept apart: `one_off` seconds.
+
+    Its per-step hooks are kept to a clock read and an attribute or two (the lecture loop it is compared with has no
+    such apparatus): the device and the warm-up's end are decided once, in on_train_start, steps are counted, not read
+    from the trainer, and on CUDA only the window's ends wait for the device (a wait every step would slow the fit)."""
 
     def __init__(self, warm_up: int = 0):
         self.warm_up = warm_up
 
-    def _now(self, trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
+    def _now(self) -> float:
+        if self._cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def on_train_start(self, trainer, pl_module):
-        self.start = self._now(trainer)
+        self._cuda = trainer.strategy.root_device.type == "cuda"
+        self.start = self._now()
         self.warm = None
+        self._to_warm = max(0, self.warm_up - trainer.global_step)  # batches before the window (one a step here)
+        # batches before the last one, whose end closes the window (max_steps -1, no step limit: every batch's end)
+        self._to_last = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.warm is None and trainer.global_step >= self.warm_up:
-            self.warm, self.warm_step = self._now(trainer), trainer.global_step
+        if self.warm is None:  # once it is set, one attribute test a step
+            if self._to_warm:
+                self._to_warm -= 1
+            else:
+                self.warm, self.warm_step = self._now(), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.last = self._now(trainer)
+        self._to_last -= 1
+        self.last = time.perf_counter() if self._to_last > 0 else self._now()
 
     def on_train_end(self, trainer, pl_module):
-        end = self._now(trainer)
+        end = self._now()
         self.steps = trainer.global_step - self.warm_step
         self.steps_per_s = self.steps / (self.last - self.warm)
         self.one_off = (end - self.start) - trainer.global_step / self.steps_per_s  # beyond the steady rate
@@ -119,18 +134,25 @@ class DiagnosticsBlocks(L.Callback):
         return statistics.mean(times[True]) / statistics.mean(times[False]) - 1
 
 
-def _fit_with(watcher: str, args: list[str]) -> L.Callback:
+def _fit_with(watcher: str, args: list[str]) -> tuple[L.Callback, float]:
     """Run `fit` (in this process, in a temporary directory) with one of this file's callbacks added, given by class
-    name with its init args after it; returns the instance the CLI made."""
+    name with its init args after it; returns the instance the CLI made and the whole fit's wall time (the CLI's
+    start-up, training, validation, checkpoints and figures: all but the temporary directory's removal)."""
     from mm_lightning import bench  # the module the CLI imports the class from (this file may run as __main__)
     from mm_lightning.cli import MakemoreCLI
+    from mm_lightning.diagnostics import TrainingDiagnostics
 
     with tempfile.TemporaryDirectory() as root:
+        start = time.perf_counter()
         cli = MakemoreCLI(
             ["fit", "--trainer.default_root_dir", root, "--trainer.enable_model_summary", "false"]
             + [f"--trainer.callbacks+=mm_lightning.bench.{watcher}", *args]
         )
-        return next(cb for cb in cli.trainer.callbacks if isinstance(cb, getattr(bench, watcher)))
+        for callback in cli.trainer.callbacks:  # the last figures, drawn after fit returns: this run's work, not the
+            if isinstance(callback, TrainingDiagnostics):  # next variant's (and their directory is still there)
+                callback.wait()
+        seconds = time.perf_counter() - start
+        return next(cb for cb in cli.trainer.callbacks if isinstance(cb, getattr(bench, watcher))), seconds
 
 
 def diagnostics_blocks(steps: int, repeats: int, data_path: str, extra: tuple = ()) -> list[float]:
@@ -139,7 +161,7 @@ def diagnostics_blocks(steps: int, repeats: int, data_path: str, extra: tuple = 
     for r in range(repeats):
         args = ["--trainer.max_steps", str(steps), "--data.path", data_path, "--data.steps_per_epoch", str(steps)]
         args += ["--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu", *extra]
-        costs.append(_fit_with("DiagnosticsBlocks", args).cost())
+        costs.append(_fit_with("DiagnosticsBlocks", args)[0].cost())
         print(f"  [blocks {r + 1}/{repeats}] diagnostics cost {100 * costs[-1]:+.1f}%", file=sys.stderr)
     return costs
 
@@ -222,11 +244,17 @@ def graph_floor(x, y, config: MLPConfig, batch_size: int, steps: int, device: st
     return steps / (time.perf_counter() - start)
 
 
+class FitTimes(NamedTuple):
+    steps_per_s: float  # in the steady window (Stopwatch)
+    one_off_s: float  # what the run paid beyond its steady rate
+    total_s: float  # the whole fit call, start-up to the last figure (for the marginal rate: bench_marginal.py)
+
+
 def fit_path(
     batch_size: int, hidden: int, steps: int, device: str, data_path: str, diagnostics: bool, extra: tuple = ()
-) -> tuple[float, float]:
-    """This project's fit through its CLI (in this process), default settings; returns (steady steps/s, one-off s).
-    The steady window starts after a tenth of the steps (a multiple of 100, so it holds whole diagnostics periods)."""
+) -> FitTimes:
+    """This project's fit through its CLI (in this process), default settings. The steady window starts after a
+    tenth of the steps (a multiple of 100, so it holds whole diagnostics periods)."""
     warm_up = steps // 10 // 100 * 100
     args = ["--trainer.callbacks.warm_up", str(warm_up), "--trainer.max_steps", str(steps), "--data.path", data_path]
     args += ["--data.batch_size", str(batch_size), "--model.net.n_hidden", str(hidden)]
@@ -235,8 +263,8 @@ def fit_path(
         args += ["--diagnostics.every_n_steps", "0"]
     if "--model.compile" in extra:
         torch._dynamo.reset()  # a fresh compile each repeat, as a new process would do (and no recompile limit)
-    watch = _fit_with("Stopwatch", args + list(extra))
-    return watch.steps_per_s, watch.one_off
+    watch, seconds = _fit_with("Stopwatch", args + list(extra))
+    return FitTimes(watch.steps_per_s, watch.one_off, seconds)
 
 
 @torch.no_grad()
@@ -290,8 +318,8 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str,
             order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternating order: no seat is favoured
             for name in order:
                 result = runs[name]()
-                if isinstance(result, tuple):  # fit: (steady steps/s, one-off seconds)
-                    result, seconds = result
+                if isinstance(result, tuple):  # fit (FitTimes) and the compiled loop: steps/s, one-off seconds
+                    result, seconds = result[:2]
                     one_off.setdefault(name, []).append(seconds)
                 measured[name].append(result)
                 print(f"  [{size} {r + 1}/{repeats}] {name}: {_speed(result)} steps/s", file=sys.stderr)
@@ -320,6 +348,37 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str,
             }
         )
     return rows
+
+
+def marginal(n1: int, n2: int, repeats: int, device: str, sizes: list[str], data_path: str, compiled: bool) -> list:
+    """--marginal N1,N2 (bench_marginal.py): steps/s as (N2-N1)/(T2-T1), T the wall time of a whole run: the lecture
+    loop's whole call (model built, warm-up, loop), fit's whole call (FitTimes.total_s). The base: the lecture loop
+    with one thread on CPU (fit's choice for small models), as the lecture loop row of run() on CUDA."""
+    from mm_lightning.cli import _quiet_noise
+
+    _quiet_noise()
+    dm = NamesDataModule(path=data_path)
+    dm.setup()
+    x, y = dm.splits["train"].tensors()
+    threads, one = (1, ", 1 thread") if device == "cpu" else (None, "")
+
+    def variants(size: str) -> tuple[str, dict, dict]:
+        batch, hidden, _ = SIZES[size]
+        config = MLPConfig(vocab=dm.vocab, n_hidden=hidden)
+
+        def loop(compile_: bool):  # the steps: lecture_loop's fifth argument
+            call = (bench_marginal.timed, lecture_loop, x, y, config, batch)
+            return partial(*call, device=device, threads=threads, compiled=compile_)
+
+        def fit(diagnostics: bool, extra: tuple = ()):
+            return lambda n: fit_path(batch, hidden, n, device, data_path, diagnostics, extra).total_s
+
+        runs = {f"lecture loop{one}": loop(False), "fit (defaults)": fit(True), "fit, no diagnostics": fit(False)}
+        if compiled:
+            runs |= {f"lecture loop, compiled{one}": loop(True), "fit, compiled": fit(True, COMPILED)}
+        return f"lecture loop{one}", runs, {"size": size, "batch": batch, "hidden": hidden, "device": device}
+
+    return bench_marginal.run_marginal(n1, n2, repeats, sizes, variants)
 
 
 class _DemoLM(L.LightningModule):
@@ -459,6 +518,8 @@ def format_table(rows: list[dict]) -> str:
         size = f"{r['size']} (batch {r['batch']}, width {r['hidden']})" if r["batch"] else r["size"]
         if r["what"].startswith("eval"):
             speed, ratio, spread = f"{r['steps_per_s']:,.0f} examples/s", "", ""
+        elif r["ratio"] is None:  # a marginal row without a rate: its label says why
+            speed, ratio, spread = "", "", ""
         elif r["steps_per_s"] is None:  # the diagnostics' cost: a fraction, per repeat
             speed, ratio, spread = "", f"{100 * r['ratio']:+.1f}% time", f"{100 * r['spread']:.1f} pts"
         else:
@@ -482,7 +543,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--steps", type=int, default=10000, help="optimizer steps per measurement (small size)")
     p.add_argument("--repeats", type=int, default=5, help="repeats of every variant; medians are reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--sizes", default="small,wide", help=f"comma-separated, of {', '.join(SIZES)}")
+    p.add_argument("--sizes", default=None, help=f"comma-separated, of {', '.join(SIZES)} (default: small,wide)")
     p.add_argument("--data_path", default=DEFAULT_PATH)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile rows (their compiles)")
@@ -501,8 +562,13 @@ def _main(argv: list[str] | None) -> int:
         help="instead: the default diagnostics' cost on a fit of Lightning's demo Transformer of STEPS steps",
     )
     p.add_argument("--fold", action="store_true", help="instead: eval speed of E02's folded BatchNorm network")
+    p.add_argument("--marginal", nargs="?", const=bench_marginal.DEFAULT, metavar="N1,N2", help=bench_marginal.HELP)
     a = p.parse_args(argv)
-    sizes = [s for s in a.sizes.split(",") if s]  # bad arguments first: before any download or work
+    # bad arguments first: before any download or work
+    lengths = bench_marginal.parse_lengths(a.marginal) if a.marginal is not None else None
+    if lengths and (a.fold or a.short_run or a.blocks):
+        raise UsageError("--marginal is a mode of its own: leave out --fold, --short_run and --blocks")
+    sizes = [s for s in (a.sizes or ("small" if lengths else "small,wide")).split(",") if s]
     if unknown := [s for s in sizes if s not in SIZES]:
         p.error(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -538,7 +604,10 @@ def _main(argv: list[str] | None) -> int:
         print(f"diagnostics cost at every_n_steps 100, on/off in alternating 1000-step blocks, {a.blocks} runs:")
         print(f"median {100 * statistics.median(costs):+.1f}%, per run " + ", ".join(f"{100 * c:+.1f}%" for c in costs))
         return 0
-    rows = run(a.steps, a.repeats, a.device, sizes, a.data_path, compiled=not a.no_compile)
+    if lengths:
+        rows = marginal(*lengths, a.repeats, a.device, sizes, a.data_path, compiled=not a.no_compile)
+    else:
+        rows = run(a.steps, a.repeats, a.device, sizes, a.data_path, compiled=not a.no_compile)
     hardware = f"{a.device}: " + (
         torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} threads"
     )
@@ -546,6 +615,11 @@ def _main(argv: list[str] | None) -> int:
         a.json.write_text(json.dumps(rows, indent=1))
     print(f"\n{hardware}, torch {torch.__version__}, {a.repeats} repeats")
     print("ratios and spreads are per repeat (median, max - min), never across repeats")
+    if lengths:
+        print(
+            f"marginal rates: (N2-N1)/(T2-T1) of whole runs of {lengths[0]} and {lengths[1]} steps; "
+            "one-off s: a run's time beyond its steps at that rate"
+        )
     print(format_table(rows))
     return 0
 
