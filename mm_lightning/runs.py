@@ -228,6 +228,12 @@ class RunCheckpoint(ModelCheckpoint):
         missing = compat.model_checkpoint_missing(self)
         if missing is not None and stage == "fit":
             compat.warn_plain_checkpoint(missing)
+        self._saves_on_train_batches = compat.saves_on_train_batches(self)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # without every_n_train_steps or train_time_interval (the CLI's default) ModelCheckpoint's hook does nothing
+        if getattr(self, "_saves_on_train_batches", True):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)

@@ -266,3 +266,14 @@ def test_the_private_names_of_the_sgd_step_behave_as_used():
     assert private.optimizer_step_is_hooked(opt)
     handle.remove()
     assert not private.optimizer_step_is_hooked(opt)
+
+
+def test_saves_on_train_batches_reads_model_checkpoints_own_settings():
+    from datetime import timedelta
+
+    assert not compat.saves_on_train_batches(ModelCheckpoint())
+    assert compat.saves_on_train_batches(ModelCheckpoint(every_n_train_steps=5))
+    assert compat.saves_on_train_batches(ModelCheckpoint(train_time_interval=timedelta(minutes=1)))
+    plain = ModelCheckpoint()
+    del plain._every_n_train_steps  # a Lightning that renamed it: its own hook runs every batch, as it would
+    assert compat.saves_on_train_batches(plain)

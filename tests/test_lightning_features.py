@@ -290,3 +290,19 @@ def test_validate_from_python_after_fit_logs_at_the_trained_step(names_file):
     trainer.fit(model, dm)
     trainer.validate(model, dm, verbose=False)
     assert trainer.callback_metrics["step"].item() == 7
+
+
+@pytest.mark.slow
+def test_checkpoint_every_n_train_steps_writes_at_those_steps(project, names_file, monkeypatch):
+    """--checkpoint.every_n_train_steps (the run's RunCheckpoint skips ModelCheckpoint's per-batch hook only where
+    neither it nor train_time_interval is set): a checkpoint at each multiple, each holding its step's weights."""
+    monkeypatch.chdir(project)
+    extra = ["--checkpoint.every_n_train_steps", "20", "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null"]
+    last = _cli_fit(project / "run", 60, *extra, "--checkpoint.filename", "s{step}")
+    directory = project / "run" / "lightning_logs" / "version_0" / "checkpoints"
+    steps = sorted(torch.load(p, weights_only=True)["global_step"] for p in directory.glob("s*.ckpt"))
+    assert steps == [20, 40, 60]
+    ref = reference_run(str(names_file), 60, NET, snapshot_at=(20,), threads=1)
+    first = torch.load(next(directory.glob("s*20*.ckpt")), weights_only=True)
+    _assert_states(_net_state(first), ref.snapshots[20])
+    assert last["global_step"] == 60

@@ -22,6 +22,7 @@ from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop as Tr
 
 # a module hook as Lightning calls it (hook name set for self.log, profiler scope), where the module overrides it
 from lightning.pytorch.trainer.call import _call_lightning_module_hook as call_module_hook
+from torch.optim import optimizer as torch_optimizer
 from torchmetrics import Metric
 
 __all__ = [
@@ -213,11 +214,9 @@ def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 def optimizer_step_is_hooked(optimizer: torch.optim.Optimizer) -> bool:
     """Whether step pre/post hooks (the optimizer's own or global ones) would run around optimizer.step(). torch
     keeps them in private dicts and has no public way to ask."""
-    from torch.optim import optimizer as o
-
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return True
-    return bool(o._global_optimizer_pre_hooks or o._global_optimizer_post_hooks)
+    return bool(torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks)
 
 
 def step_is_observed(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module]) -> bool:

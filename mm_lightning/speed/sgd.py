@@ -16,8 +16,6 @@ the torch functions it mirrors (as gate.py does for Lightning's). On any other t
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from mm_lightning.speed import gate, private
@@ -137,7 +135,7 @@ class SGDStep:
             if group["momentum"] != 0 or group["weight_decay"] != 0 or group["maximize"] or group["differentiable"]:
                 return False
             lr = group["lr"]
-            if group["fused"] or isinstance(lr, (torch.Tensor, bool)) or not isinstance(lr, numbers.Real):
+            if group["fused"] or type(lr) not in (float, int):  # not a tensor (nor a bool, nor numpy's)
                 return False
             kind = self._kind(group["params"])
             # foreach None picks the single-tensor update on a CPU (_default_to_fused_or_foreach), foreach elsewhere
