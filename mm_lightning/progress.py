@@ -71,10 +71,10 @@ class StepProgressBar(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._progress is None:
             return
-        self._update_rate(trainer.global_step)
         now = time.monotonic()
-        if now - self._last_draw >= self.refresh_s:
+        if now - self._last_draw >= self.refresh_s:  # the rate only where it is drawn: nothing else per step
             self._last_draw = now
+            self._update_rate(trainer.global_step)
             self._progress.update(self._task, completed=trainer.global_step, status=self._status(trainer))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -475,6 +476,7 @@ def test_the_worker_process_computes_what_the_training_process_would(project, mo
     """stats_in_worker is speed only: every diagnostics number, histogram and verdict is the same inline."""
     monkeypatch.chdir(project)
     monkeypatch.setattr(TrainingDiagnostics, "INLINE_SAMPLES", 2)  # step 0 inline, the others in the worker
+    monkeypatch.setattr(TrainingDiagnostics, "WORKER_MIN_CPUS", 1)  # on a machine of any size
     common = ["fit", "--trainer.max_steps", "250", *SMALL, "--data.steps_per_epoch", "250"]
     common += ["--diagnostics.every_n_steps", "50", "--diagnostics.histograms_every_n_steps", "100"]
     assert main([*common, "--trainer.default_root_dir", "worker"]) == 0
@@ -526,6 +528,7 @@ def test_a_dead_statistics_worker_leaves_the_statistics_inline(project, monkeypa
     monkeypatch.chdir(project)
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker process exits at once
     monkeypatch.setattr(TrainingDiagnostics, "INLINE_SAMPLES", 1)  # a statistics worker from the first sample
+    monkeypatch.setattr(TrainingDiagnostics, "WORKER_MIN_CPUS", 1)
     args = ["fit", "--trainer.max_steps", "150", *SMALL, "--data.steps_per_epoch", "150"]
     assert main([*args, "--diagnostics.every_n_steps", "50", "--trainer.default_root_dir", "runs"]) == 0
     assert "[diagnostics] the stats worker process stopped (exit code 1)" in capsys.readouterr().err
@@ -642,3 +645,22 @@ def test_hand_encoded_scalar_events_are_what_protobuf_reads():
             summary=Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in scalars.items()]),
         )
         assert Event.FromString(scalar_event(1234.5, step, scalars)) == built, step
+
+
+@pytest.mark.parametrize("cpus, expected", [(2, False), (4, True)], ids=["2-cpus-inline", "4-cpus-worker"])
+def test_the_stats_worker_starts_only_with_a_cpu_to_spare(monkeypatch, cpus, expected):
+    """With two CPUs the worker shares the core training leaves free with everything else (and its start costs
+    more than it saves in most runs): statistics inline. With more, the worker (past the first samples)."""
+    from mm_lightning.diagnostics import schedule
+
+    monkeypatch.setattr(schedule, "_usable_cpus", lambda: cpus)
+    monkeypatch.setattr(TrainingDiagnostics, "INLINE_SAMPLES", 1)
+    started = []
+    monkeypatch.setattr(schedule.Scheduling, "_start_worker", lambda self, kind: started.append(kind))
+    callback = TrainingDiagnostics(every_n_steps=10, histograms_every_n_steps=0, figures_every_n_steps=0)
+    callback._samples = 5
+    layer = SimpleNamespace(output=torch.zeros(2))
+    callback._layers = [layer]
+    trainer = SimpleNamespace(world_size=1)
+    callback._worker_for(trainer, None)
+    assert started == (["stats"] if expected else [])

@@ -75,8 +75,9 @@ class TrainingDiagnostics(Capture, Scheduling, Logging, FigureJobs, Callback):
             health: thresholds of the verdicts.
             stats_in_worker: from the run's 10th sampled step on (a short run never pays for the process),
                 compute a sampled step's statistics in a worker process when training runs in one process on the
-                CPU (speed only: the same numbers, logged a batch later); False computes them in the training
-                process. Figures are always drawn by a worker process of their own, at low priority.
+                CPU of a machine with 3 or more CPUs (speed only: the same numbers, logged a batch later; with two,
+                the worker would slow training more than it saves); False computes them in the training process.
+                Figures are always drawn by a worker process of their own, at low priority.
             verbose: print what is watched and where it goes at train start, and each new failing verdict, to
                 stderr (False: for a caller that reports them itself, as the `diagnose` command does).
         """

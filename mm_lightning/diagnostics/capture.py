@@ -160,8 +160,10 @@ class Capture:
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         """Under 16-mixed the loss is multiplied by the GradScaler's scale before backward: so is every gradient
         the tensor hooks see (the weights' are unscaled by Lightning before the optimizer steps)."""
+        if self._sampling is None or self._stepped:  # not a sampled step (nothing to look up)
+            return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if self._sampling is not None and not self._stepped and scaler is not None and scaler.is_enabled():
+        if scaler is not None and scaler.is_enabled():
             self._grad_scale = float(scaler.get_scale())
 
     def _rows(self, optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], torch.Tensor, list, list]:

@@ -10,6 +10,7 @@ and a script's exit (EXIT_WAIT), never wait long for them.
 from __future__ import annotations
 
 import atexit
+import os
 import time
 
 import lightning as L
@@ -68,10 +69,23 @@ def _settle_all(timeout: float = EXIT_WAIT) -> None:
         _settle(worker, max(deadline - time.monotonic(), 0.0))
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform tells it, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 class Scheduling:
     """The scheduling part of TrainingDiagnostics (a mixin: the callback's state, set up by _init_scheduling)."""
 
     INLINE_SAMPLES = 10  # the first samples of a fit are computed inline: a short run never starts a stats worker
+    # CPUs this process may run on for a stats worker to pay: with two, it shares the core training does not use
+    # with everything else, and on a 2-vCPU machine (often one core's two hyperthreads) a busy process on the other
+    # CPU slowed a one-thread training loop by ~25%; its start alone (importing torch, ~1.5 s of CPU) then costs more
+    # than its ~1.4 ms a sample saves in a run of under ~50000 steps
+    WORKER_MIN_CPUS = 3
 
     def _init_scheduling(self) -> None:
         self._workers: dict[str, Worker] = {}  # "stats" and "figures" processes, see worker.py
@@ -140,11 +154,13 @@ class Scheduling:
 
     def _worker_for(self, trainer: L.Trainer, params: CapturedParams | None) -> Worker | None:
         """The statistics worker, when this sample may go there: one process (no all-reduce), tensors on the CPU
-        (a GPU reduces them faster than it could copy them out), past the first INLINE_SAMPLES samples, the
-        worker up (torch imported). Otherwise inline (~1.4 ms), unless earlier samples are still queued there
-        (steps stay in order)."""
+        (a GPU reduces them faster than it could copy them out), past the first INLINE_SAMPLES samples, a machine
+        with WORKER_MIN_CPUS CPUs or more for this process, the worker up (torch imported). Otherwise inline
+        (~1.4 ms), unless earlier samples are still queued there (steps stay in order)."""
         on_cpu = all(x.output.device.type == "cpu" for x in self._layers) and (params is None or params.rows.is_cpu)
         if not (self.stats_in_worker and trainer.world_size == 1 and on_cpu) or self._samples < self.INLINE_SAMPLES:
+            return None
+        if _usable_cpus() < self.WORKER_MIN_CPUS:
             return None
         worker = self._start_worker("stats")
         if worker is not None and (worker.pending["stats"] or worker.ready_event.is_set()):
