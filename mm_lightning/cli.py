@@ -172,8 +172,30 @@ def _one_line(error: Exception, argv: list[str]) -> str:
     nested = re.match(given, text)
     if nested:
         text = f"--{nested[1]}.{nested[2]}: {nested[3]}"
+    unknown = re.match(r"--(optimizer|lr_scheduler): - expected path but (\S+) either not accessible or invalid", text)
+    if unknown:
+        text = _unknown_class_line(unknown[1], unknown[2])
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     return f"{text} (see `python -m mm_lightning.cli {command} --help`)".replace("  ", " ")
+
+
+def _unknown_class_line(key: str, given: str) -> str:
+    """--optimizer / --lr_scheduler naming no class: the closest of torch's own (jsonargparse's words would list
+    every Union subtype it tried)."""
+    import difflib
+    import inspect
+
+    import torch
+
+    if key == "optimizer":
+        base, where, common = torch.optim.Optimizer, torch.optim, "SGD, AdamW, Adam"
+    else:
+        base, where, common = torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler, "StepLR, OneCycleLR"
+    names = sorted(n for n, c in vars(where).items() if inspect.isclass(c) and issubclass(c, base) and c is not base)
+    close = [n for n in names if n.lower() == given.lower()] or difflib.get_close_matches(given, names, n=1)
+    if close:
+        return f"--{key} {given}: no such class; did you mean {close[0]}?"
+    return f"--{key} {given}: no such class; give one of {where.__name__} (e.g. {common}) or a class path (pkg.Class)"
 
 
 def _first_line(error: BaseException) -> str:

@@ -118,3 +118,27 @@ def test_help_shows_every_model_fields_docstring(project):
     lecture = run_cli(["fit", "--model.net.help", "mm_lightning.lecture.NotebookMLPConfig"], project).stdout
     lecture = " ".join(lecture.split())
     assert "Which BatchNorm:" in lecture and "--model.net.init_seed" in lecture
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--optimizer", "Adamw"], "error: --optimizer Adamw: no such class; did you mean AdamW?"),
+        (
+            ["--optimizer", "SGD", "--lr_scheduler", "StepLr"],
+            "error: --lr_scheduler StepLr: no such class; did you mean StepLR?",
+        ),
+        (
+            ["--optimizer", "Frobnicate"],
+            "error: --optimizer Frobnicate: no such class; give one of torch.optim (e.g. SGD",
+        ),
+    ],
+    ids=["optimizer-case", "scheduler-case", "nothing-close"],
+)
+def test_a_misspelt_optimizer_or_scheduler_is_named_in_one_short_line(tmp_path, capsys, args, line):
+    from mm_lightning.cli import main
+
+    assert main(["fit", "--trainer.default_root_dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line) and len(err[0]) < 200, err
+    assert not any(tmp_path.iterdir())  # nothing written
