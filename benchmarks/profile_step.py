@@ -18,7 +18,6 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-import torch.optim.sgd as sgd_module
 
 from mm_lightning import module as module_file
 from mm_lightning.cli import MakemoreCLI, _quiet_noise
@@ -45,7 +44,7 @@ def advance(self, data_fetcher) -> None:
     now = clock()
     state["steady"] = trainer.global_step >= WARM_UP
     if state["end"] is not None and state["steady"]:
-        segments["0 Lightning's loop between two batches"].append(now - state["end"])
+        segments["0 the loop between two batches (on_advance_end, done)"].append(now - state["end"])
     state["t"] = now
     if self.restarting:
         return original_advance(self, data_fetcher)
@@ -62,7 +61,7 @@ def advance(self, data_fetcher) -> None:
     batch_output = self._optimizer_step(batch, batch_idx)
     self.batch_progress.increment_processed()
     self._step_schedulers()
-    mark("9 optimizer.step exit, the scheduler's step")
+    mark("9 the SGD step's exit, the scheduler's step")
     if self._num_ready_batches_reached():
         self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
     self._callbacks("on_train_batch_end", batch_output, batch, batch_idx)
@@ -76,7 +75,7 @@ def advance(self, data_fetcher) -> None:
 
 
 def training_step(self, batch, batch_idx):
-    mark("3 optimizer.step(closure) entry")
+    mark("3 the SGD step's checks, the closure's entry")
     x, y = batch
     logits = self.training_forward(x)
     mark("4 forward")
@@ -93,24 +92,24 @@ def backward_with_hooks(self, loss):
     mark("8 backward (with its hooks)")
 
 
-def sgd(*args, **kwargs):
-    mark("8b SGD.step's _init_group")
-    out = original_sgd(*args, **kwargs)
-    mark("8c the SGD update")
+def foreach_add_(*args, **kwargs):
+    mark("8b SGDStep: the parameters with a gradient")
+    out = original_foreach_add_(*args, **kwargs)
+    mark("8c the SGD update (torch's foreach kernel)")
     return out
 
 
-original_advance, original_backward, original_sgd = (
+original_advance, original_backward, original_foreach_add_ = (
     lean.LeanEpochLoop.advance,
     lean.LeanEpochLoop._backward_with_hooks,
-    sgd_module.sgd,
+    private.foreach_add_,
 )
 
 
 def profile_fit(data_path: str) -> dict[str, float]:
     lean.LeanEpochLoop.advance, lean.LeanEpochLoop._backward_with_hooks = advance, backward_with_hooks
     module_file.MakemoreModule.training_step = module_file.MakemoreModule.graphable_training_step = training_step
-    sgd_module.sgd = sgd
+    private.foreach_add_ = foreach_add_  # what SGDStep calls (mm_lightning/speed/sgd.py)
     with tempfile.TemporaryDirectory() as root:
         MakemoreCLI(
             ["fit", "--trainer.default_root_dir", root, "--trainer.max_steps", str(STEPS), "--data.path", data_path]

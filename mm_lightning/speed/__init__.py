@@ -8,8 +8,10 @@ decides once at fit start and says so in one line:
 - the lean loop, when the run uses nothing it cannot honour exactly: Lightning's own training epoch loop object,
   with `advance` (one batch, one optimizer step) replaced by one that makes the same calls in the same order with
   the same counters, but calls a hook only where a callback or the module overrides it, skips profiler scopes,
-  sets `.grad` to None itself (what `zero_grad()` does) and makes `self.log` in `training_step` cheap
-  (private.LeanLog). Otherwise Lightning's own `advance` runs, and the line says why.
+  sets `.grad` to None itself (what `zero_grad()` does), steps a plain torch.optim.SGD with the kernel its `step`
+  runs but without its per-call wrappers where that is exact (sgd.py, gated per torch release like the loop per
+  Lightning release), and makes `self.log` in `training_step` / `on_train_batch_end` cheap (private.LeanLog).
+  Otherwise Lightning's own `advance` runs, and the line says why.
 - CPU threads, on both paths: one thread when each op of a step is too small to split across cores.
 
 What the lean loop must preserve, and tests/test_fastpath.py checks against the plain loop, bitwise on the CPU:
