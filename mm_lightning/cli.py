@@ -175,8 +175,54 @@ def _one_line(error: Exception, argv: list[str]) -> str:
     unknown = re.match(r"--(optimizer|lr_scheduler): - expected path but (\S+) either not accessible or invalid", text)
     if unknown:
         text = _unknown_class_line(unknown[1], unknown[2])
+    # --lr_scheduler X without an argument X requires: jsonargparse lists every Union subtype and the whole Namespace
+    required = re.match(
+        r"--(optimizer|lr_scheduler): .*?class_path '([\w.]+)': the following arguments are "
+        r"required: ([\w, ]+?) - ",
+        text,
+    )
+    if required:
+        key, cls, names = required[1], required[2].rsplit(".", 1)[-1], required[3].split(", ")
+        needed = " ".join(f"--{key}.{n} VALUE" for n in names)
+        text = f"--{key} {cls} needs {', '.join(names)}: add {needed}"
+    # --optimizer.lr (or --lr_scheduler.gamma) with no --optimizer / --lr_scheduler class to take it, or an argument
+    # the given class does not take
+    option = re.match(r"--(optimizer|lr_scheduler): .*?class_path '([\w.]+)': Option '(\w+)' is not accepted", text)
+    if option:
+        key, cls, name = option[1], option[2], option[3]
+        if f"--{key}" not in [a.split("=")[0] for a in argv]:
+            own = " (the module's own SGD takes --model.lr)" if key == "optimizer" else ""
+            example = "SGD" if key == "optimizer" else "StepLR"
+            text = f"--{key}.{name} needs --{key} CLASS first (e.g. --{key} {example}){own}"
+        else:
+            text = f"--{key}.{name}: {cls.rsplit('.', 1)[-1]} takes no argument {name!r}{_arguments_of(cls)}"
+    choice = re.match(r"argument subcommand: invalid choice: '([^']*)'", text)
+    if choice:
+        import difflib
+
+        commands = ["fit", "validate", "test", "predict", *COMMANDS]
+        close = difflib.get_close_matches(choice[1], commands, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return (
+            f"no command {choice[1]!r}; {hint}(one of {', '.join(commands)}; see `python -m mm_lightning.cli --help`)"
+        )
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     return f"{text} (see `python -m mm_lightning.cli {command} --help`)".replace("  ", " ")
+
+
+def _arguments_of(class_path: str) -> str:
+    """ "; its arguments: a, b, ..." for an importable class, else ""."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        names = [
+            p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters if p != "params"
+        ]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return ""
+    return f"; its arguments: {', '.join(n for n in names if n not in ('self', 'optimizer'))}"
 
 
 def _unknown_class_line(key: str, given: str) -> str:

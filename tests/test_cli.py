@@ -132,8 +132,17 @@ def test_help_shows_every_model_fields_docstring(project):
             ["--optimizer", "Frobnicate"],
             "error: --optimizer Frobnicate: no such class; give one of torch.optim (e.g. SGD",
         ),
+        (
+            ["--optimizer", "AdamW", "--lr_scheduler", "OneCycleLR"],
+            "error: --lr_scheduler OneCycleLR needs max_lr: add --lr_scheduler.max_lr VALUE",
+        ),
+        (["--optimizer.lr", "0.01"], "error: --optimizer.lr needs --optimizer CLASS first (e.g. --optimizer SGD)"),
+        (
+            ["--optimizer", "SGD", "--lr_scheduler", "StepLR", "--lr_scheduler.gama", "0.5"],
+            "error: --lr_scheduler.gama: StepLR takes no argument 'gama'; its arguments: step_size, gamma, last_epoch",
+        ),
     ],
-    ids=["optimizer-case", "scheduler-case", "nothing-close"],
+    ids=["optimizer-case", "scheduler-case", "nothing-close", "missing-argument", "no-class", "unknown-argument"],
 )
 def test_a_misspelt_optimizer_or_scheduler_is_named_in_one_short_line(tmp_path, capsys, args, line):
     from mm_lightning.cli import main
@@ -142,3 +151,13 @@ def test_a_misspelt_optimizer_or_scheduler_is_named_in_one_short_line(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(line) and len(err[0]) < 200, err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_misspelt_command_names_the_closest_and_every_command(capsys):
+    from mm_lightning.cli import COMMANDS, main
+
+    assert main(["sampel"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no command 'sampel'; did you mean sample?"), err
+    assert all(command in err[0] for command in ["fit", "validate", "test", "predict", *COMMANDS])
+    assert "sampel --help" not in err[0]
