@@ -196,6 +196,11 @@ def _one_line(error: Exception, argv: list[str]) -> str:
             text = f"--{key}.{name} needs --{key} CLASS first (e.g. --{key} {example}){own}"
         else:
             text = f"--{key}.{name}: {cls.rsplit('.', 1)[-1]} takes no argument {name!r}{_arguments_of(cls)}"
+    # an argument the class chosen for a class-path option (--model.net, --data) does not take
+    other = re.match(r"--([\w.]+): .*?class_path '([\w.]+)': Option '(\w+)' is not accepted", text)
+    if other and other[1] not in ("optimizer", "lr_scheduler"):
+        text = f"--{other[1]}.{other[3]}: {other[2].rsplit('.', 1)[-1]} takes no argument {other[3]!r}"
+        text += _closest_argument(other[2], other[3])
     choice = re.match(r"argument subcommand: invalid choice: '([^']*)'", text)
     if choice:
         import difflib
@@ -206,23 +211,38 @@ def _one_line(error: Exception, argv: list[str]) -> str:
         return (
             f"no command {choice[1]!r}; {hint}(one of {', '.join(commands)}; see `python -m mm_lightning.cli --help`)"
         )
+    closest = getattr(error, "closest", None)  # MakemoreCLI's guess at a misspelt option
+    if closest:
+        text += f"; did you mean {closest}?"
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     return f"{text} (see `python -m mm_lightning.cli {command} --help`)".replace("  ", " ")
 
 
-def _arguments_of(class_path: str) -> str:
-    """ "; its arguments: a, b, ..." for an importable class, else ""."""
+def _closest_argument(class_path: str, given: str) -> str:
+    """ "; did you mean x?" for the argument of an importable class nearest `given`, else its arguments."""
+    import difflib
+
+    names = _argument_names(class_path)
+    close = difflib.get_close_matches(given, names, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else (f"; its arguments: {', '.join(names)}" if names else "")
+
+
+def _argument_names(class_path: str) -> list[str]:
     import importlib
     import inspect
 
     module, _, name = class_path.rpartition(".")
     try:
-        names = [
-            p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters if p != "params"
-        ]
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
     except (ImportError, AttributeError, ValueError, TypeError):
-        return ""
-    return f"; its arguments: {', '.join(n for n in names if n not in ('self', 'optimizer'))}"
+        return []
+    return [p for p in parameters if p not in ("self", "params", "optimizer")]
+
+
+def _arguments_of(class_path: str) -> str:
+    """ "; its arguments: a, b, ..." for an importable class, else ""."""
+    names = _argument_names(class_path)
+    return f"; its arguments: {', '.join(names)}" if names else ""
 
 
 def _unknown_class_line(key: str, given: str) -> str:

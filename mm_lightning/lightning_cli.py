@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -15,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
@@ -91,6 +92,22 @@ def _after_existing_event_files(run_dir: Path) -> None:
         time.sleep(0.05)
 
 
+def closest_option(parser, args: list[str], message: str) -> str | None:
+    """The option of the command's parser nearest an unknown one an error names (--model.lrr, a YAML key
+    trainer.max_step), as --key (class-path arguments as users write them: --model.net.n_hidden); None if none."""
+    import difflib
+
+    found = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
+    command = next((a for a in args if not a.startswith("-")), None)
+    subcommands = getattr(parser, "_subcommands_action", None)
+    if not found or subcommands is None or command not in subcommands._name_parser_map:
+        return None
+    defaults = subcommands._name_parser_map[command].get_defaults()
+    keys = [k.replace(".init_args.", ".") for k in defaults.keys() if not k.endswith(".class_path")]
+    close = difflib.get_close_matches(found[1] or found[2], keys, n=1, cutoff=0.75)
+    return f"--{close[0]}" if close else None
+
+
 class MakemoreCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True, stop_on_signal: StopOnSignal | None = None):
         self._argv = list(args)
@@ -140,7 +157,11 @@ class MakemoreCLI(LightningCLI):
     # ------------------------------------------------------------------------------------------------- resume
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:  # an option no parser knows: the closest one it does, for the one-line error
+            e.closest = closest_option(parser, args, str(e))
+            raise
         subcommand = self.config.get("subcommand")
         preflight.check_seed((self.config[subcommand] if subcommand else self.config).get("seed_everything"))
         if subcommand is not None and self.config[subcommand].get("weights_only") is False:

@@ -161,3 +161,38 @@ def test_a_misspelt_command_names_the_closest_and_every_command(capsys):
     assert len(err) == 1 and err[0].startswith("error: no command 'sampel'; did you mean sample?"), err
     assert all(command in err[0] for command in ["fit", "validate", "test", "predict", *COMMANDS])
     assert "sampel --help" not in err[0]
+
+
+@pytest.mark.parametrize(
+    "args, yaml_text, line",
+    [
+        (["--model.lrr", "0.1"], None, "error: unrecognized arguments: --model.lrr 0.1; did you mean --model.lr?"),
+        (
+            [],
+            "trainer:\n  max_step: 10\n",
+            "does not accept option 'trainer.max_step'; did you mean --trainer.max_steps?",
+        ),
+        (
+            ["--data.batchsize", "3"],
+            None,
+            "error: --data.batchsize: NamesDataModule takes no argument 'batchsize'; did you mean batch_size?",
+        ),
+        (
+            ["--model.net.n_hiden", "3"],
+            None,
+            "error: --model.net.n_hiden: MLPConfig takes no argument 'n_hiden'; did you mean n_hidden?",
+        ),
+        (["--zzzz", "3"], None, "error: unrecognized arguments: --zzzz 3 (see"),
+    ],
+    ids=["option", "yaml-key", "data-argument", "net-argument", "nothing-close"],
+)
+def test_a_misspelt_option_names_the_closest_one(tmp_path, capsys, args, yaml_text, line):
+    from mm_lightning.cli import main
+
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        args = ["--config", str(tmp_path / "c.yaml")]
+    assert main(["fit", "--trainer.default_root_dir", str(tmp_path / "runs"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and line in err[0] and len(err[0]) < 200, err
+    assert not (tmp_path / "runs").exists()
