@@ -328,13 +328,15 @@ def run(steps: int, repeats: int, device: str, sizes: list[str], data_path: str,
         floor = measured.get("one CUDA graph per step")
         for name, values in measured.items():
             ratios = [v / base for v, base in zip(values, lecture)]  # within a repeat only
-            rows.append({**row, "what": name, "steps_per_s": statistics.median(values), **_median_spread(ratios)})
+            rows.append(
+                {**row, "what": name, "steps_per_s": statistics.median(values), **bench_marginal.median_spread(ratios)}
+            )
             if floor:
                 rows[-1]["vs_floor"] = statistics.median(v / f for v, f in zip(values, floor))
             if name in one_off:
                 rows[-1]["one_off_s"] = statistics.median(one_off[name])
         costs = [off / on - 1 for on, off in zip(measured["fit (defaults)"], measured["fit, no diagnostics"])]
-        rows.append({**row, "what": "diagnostics cost", "steps_per_s": None, **_median_spread(costs)})
+        rows.append({**row, "what": "diagnostics cost", "steps_per_s": None, **bench_marginal.median_spread(costs)})
         speed = eval_throughput(xva, yva, config, device)
         rows.append(
             {
@@ -498,11 +500,6 @@ def fold_speedup(data_path: str, repeats: int, device: str) -> list[float]:
         ratios.append(got["folded"] / got["batchnorm"])
         print(f"repeat {r}: batchnorm {got['batchnorm']:,.0f}/s, folded {got['folded']:,.0f}/s, x{ratios[-1]:.2f}")
     return ratios
-
-
-def _median_spread(values: list[float]) -> dict:
-    """The median of per-repeat values and their spread (max - min), in the row's units."""
-    return {"ratio": statistics.median(values), "spread": max(values) - min(values), "per_repeat": values}
 
 
 def _speed(steps_per_s: float) -> str:

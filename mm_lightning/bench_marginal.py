@@ -71,6 +71,12 @@ def marginal_rates(
     return rates, one_off
 
 
+def median_spread(values: list[float]) -> dict:
+    """A row's ratio fields (bench's table and this): the median of per-repeat values, their spread (max - min), in
+    the row's units, and the values."""
+    return {"ratio": statistics.median(values), "spread": max(values) - min(values), "per_repeat": values}
+
+
 def marginal_rows(
     rates: dict[str, list[float]], one_off: dict[str, list[float]], base: str, n1: int, n2: int, row: dict
 ) -> list[dict]:
@@ -80,9 +86,6 @@ def marginal_rows(
 
     def kept(values: list[float]) -> list[float]:
         return [v for v in values if not math.isnan(v)]
-
-    def median_spread(values: list[float]) -> dict:  # as bench.run's rows: the median, max - min, the values
-        return {"ratio": statistics.median(values), "spread": max(values) - min(values), "per_repeat": values}
 
     rows = []
     for name, values in rates.items():

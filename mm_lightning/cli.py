@@ -185,22 +185,19 @@ def _one_line(error: Exception, argv: list[str]) -> str:
         key, cls, names = required[1], required[2].rsplit(".", 1)[-1], required[3].split(", ")
         needed = " ".join(f"--{key}.{n} VALUE" for n in names)
         text = f"--{key} {cls} needs {', '.join(names)}: add {needed}"
-    # --optimizer.lr (or --lr_scheduler.gamma) with no --optimizer / --lr_scheduler class to take it, or an argument
-    # the given class does not take
-    option = re.match(r"--(optimizer|lr_scheduler): .*?class_path '([\w.]+)': Option '(\w+)' is not accepted", text)
+    # an argument no class takes: --optimizer.lr (or --lr_scheduler.gamma) with no --optimizer (--lr_scheduler)
+    # class to take it, or one the class given (--optimizer AdamW, --model.net, --data) does not take
+    option = re.match(r"--([\w.]+): .*?class_path '([\w.]+)': Option '(\w+)' is not accepted", text)
     if option:
         key, cls, name = option[1], option[2], option[3]
-        if f"--{key}" not in [a.split("=")[0] for a in argv]:
+        optimizer_or_schedule = key in ("optimizer", "lr_scheduler")
+        if optimizer_or_schedule and f"--{key}" not in [a.split("=")[0] for a in argv]:
             own = " (the module's own SGD takes --model.lr)" if key == "optimizer" else ""
             example = "SGD" if key == "optimizer" else "StepLR"
             text = f"--{key}.{name} needs --{key} CLASS first (e.g. --{key} {example}){own}"
         else:
-            text = f"--{key}.{name}: {cls.rsplit('.', 1)[-1]} takes no argument {name!r}{_arguments_of(cls)}"
-    # an argument the class chosen for a class-path option (--model.net, --data) does not take
-    other = re.match(r"--([\w.]+): .*?class_path '([\w.]+)': Option '(\w+)' is not accepted", text)
-    if other and other[1] not in ("optimizer", "lr_scheduler"):
-        text = f"--{other[1]}.{other[3]}: {other[2].rsplit('.', 1)[-1]} takes no argument {other[3]!r}"
-        text += _closest_argument(other[2], other[3])
+            text = f"--{key}.{name}: {cls.rsplit('.', 1)[-1]} takes no argument {name!r}"
+            text += _arguments_of(cls) if optimizer_or_schedule else _closest_argument(cls, name)
     choice = re.match(r"argument subcommand: invalid choice: '([^']*)'", text)
     if choice:
         import difflib
@@ -222,9 +219,8 @@ def _closest_argument(class_path: str, given: str) -> str:
     """ "; did you mean x?" for the argument of an importable class nearest `given`, else its arguments."""
     import difflib
 
-    names = _argument_names(class_path)
-    close = difflib.get_close_matches(given, names, n=1, cutoff=0.75)
-    return f"; did you mean {close[0]}?" if close else (f"; its arguments: {', '.join(names)}" if names else "")
+    close = difflib.get_close_matches(given, _argument_names(class_path), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else _arguments_of(class_path)
 
 
 def _argument_names(class_path: str) -> list[str]:

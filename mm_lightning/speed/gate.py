@@ -99,9 +99,23 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
 
 
-def fingerprints() -> dict[str, str]:
-    """The installed Lightning's fingerprint of each mirrored function (raises where one is missing)."""
-    return {path.partition(":")[2]: fingerprint(resolve(path)) for path in MIRRORED}
+def fingerprints(paths: tuple[str, ...] = MIRRORED) -> dict[str, str]:
+    """The installed fingerprint of each mirrored function (raises where one is missing): Lightning's by default."""
+    return {path.partition(":")[2]: fingerprint(resolve(path)) for path in paths}
+
+
+def first_difference(paths: tuple[str, ...], expected: dict, library: str, version: str, who: str) -> str | None:
+    """Why the installed code of `library` (its name as said, e.g. "Lightning") is not what `who` was verified
+    against: the first of `paths` missing, or with another fingerprint than `expected` records (None: all match)."""
+    for path in paths:
+        name = path.partition(":")[2]
+        try:
+            found = fingerprint(resolve(path))
+        except Exception as e:  # noqa: BLE001 - missing, renamed, or without source (patched by a C function)
+            return f"{library} {version} has no {name} as verified ({type(e).__name__}: {str(e).splitlines()[0]})"
+        if found != expected.get(name):
+            return f"{library}'s {name} is not the code {who} was verified against (fingerprint {found})"
+    return None
 
 
 def why_not_verified() -> str | None:
@@ -117,12 +131,4 @@ def why_not_verified() -> str | None:
         importlib.import_module("mm_lightning.speed.private")  # the private names it uses, all importable
     except Exception as e:  # noqa: BLE001 - an ImportError, or whatever a changed Lightning raises on import
         return f"a private Lightning name it uses is missing in Lightning {version} ({str(e).splitlines()[0]})"
-    for path in MIRRORED:
-        name = path.partition(":")[2]
-        try:
-            found = fingerprint(resolve(path))
-        except Exception as e:  # noqa: BLE001 - missing, renamed, or without source (patched by a C function)
-            return f"Lightning {version} has no {name} as verified ({type(e).__name__}: {str(e).splitlines()[0]})"
-        if found != expected.get(name):
-            return f"Lightning's {name} is not the code the lean loop was verified against (fingerprint {found})"
-    return None
+    return first_difference(MIRRORED, expected, "Lightning", version, "the lean loop")

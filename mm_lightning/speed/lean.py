@@ -190,9 +190,7 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         if self.restarting or self._skip_next_val or self.lean_plateau or private.validation_may_run(self):
             return super().on_advance_end(data_fetcher)
         self._batches_that_stepped += 1  # "if not self._should_accumulate()": the lean loop never accumulates
-        if self.trainer.should_stop:  # _save_loggers_on_train_batch_end
-            for logger in self.trainer.loggers:
-                logger.save()
+        self._save_loggers_on_train_batch_end()
         if not self._is_training_done and self.trainer.received_sigterm:
             raise SIGTERMException
         return None

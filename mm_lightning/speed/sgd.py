@@ -50,25 +50,13 @@ TORCH_VERIFIED: dict[str, dict[str, str]] = {
 }
 
 
-def torch_fingerprints() -> dict[str, str]:
-    return {path.partition(":")[2]: gate.fingerprint(gate.resolve(path)) for path in MIRRORED}
-
-
 def why_not_verified() -> str | None:
     """Why SGD steps must go through optimizer.step on this torch (None when SGDStep may run)."""
     version = torch.__version__.split("+")[0]
     expected = TORCH_VERIFIED.get(version)
     if expected is None:
         return f"torch {version} is not a version its SGD step was verified against ({', '.join(TORCH_VERIFIED)})"
-    for path in MIRRORED:
-        name = path.partition(":")[2]
-        try:
-            found = gate.fingerprint(gate.resolve(path))
-        except Exception as e:  # noqa: BLE001 - missing, renamed, or without source
-            return f"torch {version} has no {name} as verified ({type(e).__name__}: {str(e).splitlines()[0]})"
-        if found != expected.get(name):
-            return f"torch's {name} is not the code its SGD step was verified against (fingerprint {found})"
-    return None
+    return gate.first_difference(MIRRORED, expected, "torch", version, "its SGD step")
 
 
 def _one_kind(params: list) -> str | None:
