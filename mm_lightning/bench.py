@@ -404,7 +404,7 @@ def _timed_hooks(callback: L.Callback) -> dict[str, float]:
     """Seconds spent in each of callback's hooks, filled in as they run: the cost that is the callback's own, free
     of the drift between two fits."""
     spent: dict[str, float] = {}
-    hooks = ("on_fit_start", "on_train_start", "on_train_batch_start", "on_before_backward", "on_train_batch_end")
+    hooks = ("on_fit_start", "on_train_start", "on_train_batch_start", "on_train_batch_end")
     for name in (*hooks, "on_train_end", "teardown"):  # the last two: what fit waits for at its end
         hook = getattr(callback, name)
 

@@ -76,6 +76,19 @@ def test_a_nan_is_pinned_to_its_own_layer():
     assert not nonfinite.ok and nonfinite.subject == "l1"
 
 
+def test_stds_hold_where_the_mean_dwarfs_the_std():
+    """A Sigmoid behind a saturated layer, a nearly constant gradient: mean/std ~ 1000. A one-pass sum of squares
+    in float32 loses about 1e-2 of such a std (and how much depends on the CPU's summation order)."""
+    g = torch.Generator().manual_seed(0)
+    out = 0.999 + 1e-3 * torch.rand(256, 64, generator=g)
+    grad = -2.0 + 2e-3 * torch.randn(256, 64, generator=g)
+    s = summarize(0, torch.tensor(1.0), [CapturedLayer("sig", nn.Sigmoid(), out, grad=grad)], None)
+    layer = s.layers[0]
+    assert layer.std == pytest.approx(out.double().std().item(), rel=1e-5)
+    assert layer.grad_std == pytest.approx(grad.double().std().item(), rel=1e-5)
+    assert layer.mean == pytest.approx(out.double().mean().item(), rel=1e-6)
+
+
 def _snapshot(step=0, loss=3.3, stds=(0.64, 0.64), sats=(0.03, 0.03), gstds=(1e-3, 1e-3), dead=0.0):
     layers = [
         LayerStats(f"l{i}", "Tanh", 0.0, std, sat, dead, grad_mean=0.0, grad_std=g)

@@ -240,7 +240,13 @@ class _Layers:
 
 
 def _moments(x: torch.Tensor, robust: bool) -> torch.Tensor:
-    """(4, L) moments of each slice x[l]: count, sum and sum of squares (float64), and the NaN/Inf count."""
+    """(4, L) moments of each slice x[l], as float64 sums that add up across DDP processes: count n, sum n*m and
+    sum of squares n*m^2 + M2 (M2 = sum (x - m)^2 about the slice's own mean m), and the NaN/Inf count.
+
+    M2 is taken about the mean (two passes), not as sum x^2 - n*m^2 from one: where the mean dwarfs the std (a
+    Sigmoid behind a saturated layer, a nearly constant gradient) the one-pass float32 form loses digits (a std
+    off by 1e-4 relative, varying with the CPU's summation order). n*m and n*m^2 are made from the same float64 m,
+    so that _mean_std's ss - n*mean^2 gives back M2 in float64."""
     flat = x.reshape(x.shape[0], -1)
     n = torch.full((flat.shape[0],), float(flat.shape[1]), dtype=torch.float64, device=x.device)
     if robust:  # float64: finite values above ~1e18 overflow float32 sums of squares (they are not NaN/Inf)
@@ -248,12 +254,17 @@ def _moments(x: torch.Tensor, robust: bool) -> torch.Tensor:
         bad = (~finite).sum(1).to(torch.float64)
         flat = torch.where(finite, flat, 0.0).to(torch.float64)
         n = n - bad
+        mean = flat.sum(1) / n.clamp(min=1)
+        centred = torch.where(finite, flat - mean[:, None], 0.0)
     else:
         bad = torch.zeros_like(n)
-    # float32 sums and norms (pairwise, vectorised: 9x faster than accumulating in float64), kept as float64
-    # sums so that DDP can add them up; activations and gradients have small means, so nothing cancels
-    squares = torch.linalg.vector_norm(flat, dim=1).to(torch.float64).square()
-    return torch.stack([n, flat.sum(1).to(torch.float64), squares, bad])
+        # float32 passes (vectorised: 9x faster than accumulating in float64), their results kept as float64
+        mean = flat.mean(1, keepdim=True)
+        centred = flat - mean
+        mean = mean.squeeze(1).to(torch.float64)
+    m2 = torch.linalg.vector_norm(centred, dim=1).to(torch.float64).square()
+    total = n * mean
+    return torch.stack([n, total, m2 + total * mean, bad])
 
 
 CONSTANT_REL_STD = 1e-6  # a parameter whose std is below this fraction of its mean is constant (float32 eps ~1.2e-7)
