@@ -112,6 +112,9 @@ class MakemoreModule(L.LightningModule):
         self.__dict__["compiled_net"] = torch.compile(self.net, mode=compile_mode) if compile else None
         self._net_modules: list[torch.nn.Module] = []  # self.net's modules, found at the first training step
         self.num_classes = net.vocab_size  # diagnostics compare the loss at step 0 with ln(num_classes)
+        # one example's context: Lightning's model summary runs it (eval mode, no grad) for its In/Out sizes and
+        # FLOPs columns (per example; without it they read 0), and to_onnx / log_graph use it as their input
+        self.example_input_array = torch.zeros(1, net.block_size, dtype=torch.long)
         # float64 sums: loss x examples must not overflow (or round) on a whole split
         self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         self._checkpoint_step: int | None = None  # the step of the checkpoint loaded (evaluation restores no loop

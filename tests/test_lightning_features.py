@@ -306,3 +306,20 @@ def test_checkpoint_every_n_train_steps_writes_at_those_steps(project, names_fil
     first = torch.load(next(directory.glob("s*20*.ckpt")), weights_only=True)
     _assert_states(_net_state(first), ref.snapshots[20])
     assert last["global_step"] == 60
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_model_summary_counts_the_forwards_flops(batchnorm):
+    """Lightning's summary runs example_input_array: its FLOPs are one example's matmuls (2 x in x out for each
+    Linear), not the 0 it printed without one, and running it changes no weight, buffer or training mode."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    module = MakemoreModule(MLPConfig(n_layers=3, n_hidden=16, batchnorm=batchnorm, output_batchnorm=batchnorm))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    summary = ModelSummary(module, max_depth=1)
+    linears = [m for m in module.net.modules() if isinstance(m, torch.nn.Linear)]
+    matmuls = sum(2 * m.in_features * m.out_features for m in linears)
+    assert summary.total_flops >= matmuls  # and the biases' and BatchNorms' elementwise work, if counted
+    assert summary.total_flops < 1.2 * matmuls
+    assert summary.in_sizes[0] == [1, module.net.config.block_size]
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items()) and module.training
