@@ -14,7 +14,6 @@ import statistics
 
 from mm_lightning import bench
 from mm_lightning.cli import _quiet_noise
-from mm_lightning.data import NamesDataModule
 from mm_lightning.model import MLPConfig
 
 VARIANTS = {"fit (defaults)": True, "fit, no diagnostics": False}  # name: diagnostics on
@@ -27,16 +26,14 @@ def main() -> None:
     parser.add_argument("--data_path", default="data/names.txt")
     a = parser.parse_args()
     _quiet_noise()
-    dm = NamesDataModule(path=a.data_path)
-    dm.setup()
-    x, y = dm.splits["train"].tensors()
-    config = MLPConfig(vocab=dm.vocab)
+    x, y, vocab = bench.train_split(a.data_path)
+    config = MLPConfig(vocab=vocab)
     fit_steps = a.steps + a.steps // 10 // 100 * 100 + 100  # fit_path times after a tenth of its steps
     pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
     for _ in range(a.pairs):
         for name, diagnostics in VARIANTS.items():
             lecture = bench.lecture_loop(x, y, config, 32, a.steps, "cpu", 1)
-            fit, _ = bench.fit_path(32, 100, fit_steps, "cpu", a.data_path, diagnostics)
+            fit = bench.fit_path(32, 100, fit_steps, "cpu", a.data_path, diagnostics).steps_per_s
             pairs[name].append((fit, lecture))
             print(f"  {name}: {fit:,.0f} steps/s, lecture loop 1 thread {lecture:,.0f}: {fit / lecture:.3f}")
     for name, values in pairs.items():

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 from mm_lightning import bench
-from mm_lightning.cli import _quiet_noise
-from mm_lightning.data import NamesDataModule
+from mm_lightning.cli import MakemoreCLI, _quiet_noise
 from mm_lightning.model import MLP, MLPConfig
 from mm_lightning.speed import lean
 
@@ -90,27 +90,35 @@ def lecture_loop(x, y, config: MLPConfig, steps: int) -> dict[str, float]:
     }
 
 
+def bare_fit(steps: int, data_path: str) -> None:
+    """`fit` (CPU, no validation, diagnostics or progress bar) with the lean loop's advance cut down (bare_advance)."""
+    lean.LeanEpochLoop.advance = bare_advance
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            MakemoreCLI(
+                ["fit", "--trainer.default_root_dir", root, "--trainer.max_steps", str(steps), "--data.path", data_path]
+                + ["--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false"]
+                + ["--diagnostics.every_n_steps", "0", "--trainer.enable_progress_bar", "false"]
+                + ["--trainer.accelerator", "cpu"]
+            )
+    finally:
+        lean.LeanEpochLoop.advance = original_advance
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--data_path", default="data/names.txt")
     a = parser.parse_args()
     _quiet_noise()
-    dm = NamesDataModule(path=a.data_path)
-    dm.setup()
-    x, y = dm.splits["train"].tensors()
+    x, y, vocab = bench.train_split(a.data_path)
     for _ in range(2):
-        lecture = lecture_loop(x, y, MLPConfig(vocab=dm.vocab), a.steps)
+        lecture = lecture_loop(x, y, MLPConfig(vocab=vocab), a.steps)
         print("lecture loop, foreach update: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in lecture.items()))
         for values in times.values():
             values.clear()
-        lean.LeanEpochLoop.advance = bare_advance
-        try:
-            bench.fit_path(32, 100, a.steps, "cpu", a.data_path, False, ("--trainer.enable_progress_bar", "false"))
-        except AttributeError:  # the Stopwatch saw no batch hooks: its rate is not needed here
-            pass
-        finally:
-            lean.LeanEpochLoop.advance = original_advance
+        marks["end"] = None
+        bare_fit(a.steps, a.data_path)
         print(
             "Lightning's loop, bare advance: "
             + ", ".join(f"{k} {statistics.mean(v) * 1e6:.0f} us" for k, v in times.items())

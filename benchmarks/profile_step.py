@@ -19,9 +19,9 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from mm_lightning import bench
 from mm_lightning import module as module_file
 from mm_lightning.cli import MakemoreCLI, _quiet_noise
-from mm_lightning.data import NamesDataModule
 from mm_lightning.model import MLP, MLPConfig
 from mm_lightning.speed import lean, private
 
@@ -121,11 +121,9 @@ def profile_fit(data_path: str) -> dict[str, float]:
 
 def profile_lecture(data_path: str) -> dict[str, float]:
     torch.set_num_threads(1)
-    dm = NamesDataModule(path=data_path)
-    dm.setup()
-    x, y = dm.splits["train"].tensors()
+    x, y, vocab = bench.train_split(data_path)
     torch.manual_seed(42)
-    net = MLP(MLPConfig(vocab=dm.vocab))
+    net = MLP(MLPConfig(vocab=vocab))
     params = list(net.parameters())
     g = torch.Generator().manual_seed(1)
     segments.clear()

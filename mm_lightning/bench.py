@@ -166,6 +166,14 @@ def diagnostics_blocks(steps: int, repeats: int, data_path: str, extra: tuple = 
     return costs
 
 
+def train_split(data_path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The names' training split as (contexts, next characters), and its vocabulary: what every loop here trains on."""
+    dm = NamesDataModule(path=data_path)
+    dm.setup()
+    x, y = dm.splits["train"].tensors()
+    return x, y, dm.vocab
+
+
 def lecture_loop(
     x, y, config: MLPConfig, batch_size: int, steps: int, device: str, threads: int | None, compiled: bool = False
 ) -> float | tuple[float, float]:
@@ -359,14 +367,12 @@ def marginal(n1: int, n2: int, repeats: int, device: str, sizes: list[str], data
     from mm_lightning.cli import _quiet_noise
 
     _quiet_noise()
-    dm = NamesDataModule(path=data_path)
-    dm.setup()
-    x, y = dm.splits["train"].tensors()
+    x, y, vocab = train_split(data_path)
     threads, one = (1, ", 1 thread") if device == "cpu" else (None, "")
 
     def variants(size: str) -> tuple[str, dict, dict]:
         batch, hidden, _ = SIZES[size]
-        config = MLPConfig(vocab=dm.vocab, n_hidden=hidden)
+        config = MLPConfig(vocab=vocab, n_hidden=hidden)
 
         def loop(compile_: bool):  # the steps: lecture_loop's fifth argument
             call = (bench_marginal.timed, lecture_loop, x, y, config, batch)
