@@ -89,6 +89,16 @@ def test_stds_hold_where_the_mean_dwarfs_the_std():
     assert layer.mean == pytest.approx(out.double().mean().item(), rel=1e-6)
 
 
+def test_stds_hold_where_the_std_is_below_the_means_rounding():
+    """A Sigmoid at a bias of 12: outputs 0.9999938 +- 2e-6, a std ~30 float32 ulps at 1.0. Centred on a float32
+    mean, whose rounding (~6e-8) is not small against such a std, the std came out 7e-4 off (a new user's check)."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.sigmoid(12 + 0.3 * torch.randn(512, 4, generator=g))
+    s = summarize(0, torch.tensor(1.0), [CapturedLayer("sig", nn.Sigmoid(), out)], None)
+    assert s.layers[0].std == pytest.approx(out.double().std().item(), rel=1e-5)
+    assert s.layers[0].mean == pytest.approx(out.double().mean().item(), rel=1e-7)
+
+
 def _snapshot(step=0, loss=3.3, stds=(0.64, 0.64), sats=(0.03, 0.03), gstds=(1e-3, 1e-3), dead=0.0):
     layers = [
         LayerStats(f"l{i}", "Tanh", 0.0, std, sat, dead, grad_mean=0.0, grad_std=g)

@@ -243,10 +243,10 @@ def _moments(x: torch.Tensor, robust: bool) -> torch.Tensor:
     """(4, L) moments of each slice x[l], as float64 sums that add up across DDP processes: count n, sum n*m and
     sum of squares n*m^2 + M2 (M2 = sum (x - m)^2 about the slice's own mean m), and the NaN/Inf count.
 
-    M2 is taken about the mean (two passes), not as sum x^2 - n*m^2 from one: where the mean dwarfs the std (a
-    Sigmoid behind a saturated layer, a nearly constant gradient) the one-pass float32 form loses digits (a std
-    off by 1e-4 relative, varying with the CPU's summation order). n*m and n*m^2 are made from the same float64 m,
-    so that _mean_std's ss - n*mean^2 gives back M2 in float64."""
+    M2 is taken about the mean (two passes, corrected), not as sum x^2 - n*m^2 from one: where the mean dwarfs
+    the std (a Sigmoid behind a saturated layer, a nearly constant gradient) the one-pass float32 form loses digits
+    (a std off by 1e-4 relative, varying with the CPU's summation order). n*m and n*m^2 are made from the same
+    float64 m, so that _mean_std's ss - n*mean^2 gives back M2 in float64."""
     flat = x.reshape(x.shape[0], -1)
     n = torch.full((flat.shape[0],), float(flat.shape[1]), dtype=torch.float64, device=x.device)
     if robust:  # float64: finite values above ~1e18 overflow float32 sums of squares (they are not NaN/Inf)
@@ -263,6 +263,11 @@ def _moments(x: torch.Tensor, robust: bool) -> torch.Tensor:
         centred = flat - mean
         mean = mean.squeeze(1).to(torch.float64)
     m2 = torch.linalg.vector_norm(centred, dim=1).to(torch.float64).square()
+    # the corrected two-pass form: the centred values still sum to n x (the mean's own rounding error), which is
+    # not small against a std of a few float32 ulps (a Sigmoid at 0.999994 +- 2e-6); moved into the mean, and out
+    # of M2 (sum (c - r/n)^2 = sum c^2 - r^2/n)
+    residual = centred.sum(1).to(torch.float64)
+    mean, m2 = mean + residual / n.clamp(min=1), m2 - residual * residual / n.clamp(min=1)
     total = n * mean
     return torch.stack([n, total, m2 + total * mean, bad])
 
