@@ -87,6 +87,49 @@ def test_tensorboard_files_the_losses_in_a_group_that_sorts_first(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("0 loss/train/loss")] == [(7, 2.5)]
 
 
+def test_logged_points_reach_the_event_file_within_flush_secs_and_at_every_checkpoint(tmp_path, monkeypatch):
+    """Lightning calls save() after every logging step; RunLogger flushes there at most every FLUSH_SECS (each flush
+    made training wait for TensorBoard's writer thread), and what is logged must still reach the file: at the
+    first save (hparams.yaml too), from the writer thread soon after, at a checkpoint (after_save_checkpoint: a run
+    killed after it has its curve up to it), and at the end."""
+    import time
+
+    from mm_lightning import runlogger
+    from tests.conftest import tb_tags
+
+    clock = [100.0]  # the throttle's clock, moved by hand: the writer thread's own clock is the real one
+    monkeypatch.setattr(runlogger.time, "monotonic", lambda: clock[0])
+    logger = runlogger.RunLogger(save_dir=tmp_path, name="lightning_logs", version=0)
+    run = tmp_path / "lightning_logs" / "version_0"
+    on_disk = lambda: [s for s, _ in tb_tags(run).get("train/lr", [])]  # noqa: E731
+
+    logger.log_metrics({"train/lr": 0.1}, step=1)
+    logger.save()
+    assert on_disk() == [1] and (run / "hparams.yaml").exists()
+    flushes = []
+    real_flush = logger.experiment.flush
+    monkeypatch.setattr(logger.experiment, "flush", lambda: (flushes.append(1), real_flush()))
+    logger.log_metrics({"train/lr": 0.1}, step=2)
+    logger.save()  # within FLUSH_SECS of the last: no flush from here
+    assert flushes == []
+    clock[0] += runlogger.FLUSH_SECS
+    logger.log_metrics({"train/lr": 0.1}, step=3)
+    logger.save()
+    assert flushes == [1] and on_disk() == [1, 2, 3]
+    logger.log_metrics({"train/lr": 0.1}, step=4)
+    logger.save()  # throttled again: the writer thread flushes it on its own, within flush_secs
+    deadline = time.monotonic() + runlogger.FLUSH_SECS * 3
+    while on_disk() != [1, 2, 3, 4] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert on_disk() == [1, 2, 3, 4] and flushes == [1]
+    logger.log_metrics({"train/lr": 0.1}, step=5)
+    logger.after_save_checkpoint(None)  # a checkpoint: flushed at once, whatever the clock says
+    assert flushes == [1, 1] and on_disk()[-1] == 5
+    logger.log_metrics({"train/lr": 0.1}, step=6)
+    logger.finalize("success")
+    assert on_disk() == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.slow
 def test_resuming_a_finished_run_says_it_is_complete_and_how_to_go_on(project, monkeypatch, capsys):
     """`fit --ckpt_path last` on a run at its --trainer.max_steps: one line (Lightning said only "`Trainer.fit`

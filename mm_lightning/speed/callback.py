@@ -38,6 +38,7 @@ class FastPath(Callback):
         self._restore_loop = None  # undoes the lean loop's installation (lean.install)
         self._threads: tuple[int, int] | None = None  # (threads for training, threads to restore)
         self._threads_decided = False
+        self._crc = None  # TensorBoard's checksums in C during fit (tbcrc.py), on either path
         self.path: str | None = None  # "lean" or "plain", for tests and the benchmark
         self.why: str | None = None  # why the plain loop runs
 
@@ -70,6 +71,10 @@ class FastPath(Callback):
             self.path, self.why = "plain", why
             rank_zero_info(f"training path: plain Lightning loop, because {why}")
         self._threads_decided = False
+        from mm_lightning.speed.tbcrc import CRCSwap  # the same event bytes; nothing to say where it cannot
+
+        self._crc = CRCSwap()
+        self._crc.install()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self._threads_decided:  # the first batch tells the batch size: both paths decide alike
@@ -109,6 +114,9 @@ class FastPath(Callback):
         if self._threads is not None:
             torch.set_num_threads(self._threads[1])
             self._threads = None
+        if self._crc is not None:
+            self._crc.restore()
+            self._crc = None
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._restore(trainer)

@@ -15,7 +15,7 @@ from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mm_lightning.speed import private, sgd
+from mm_lightning.speed import lrstep, private, sgd
 from mm_lightning.speed.graphed import GraphedSGDStep, can_graph, why_not_graphable
 from mm_lightning.speed.private import ClosureResult, call_module_hook
 from mm_lightning.speed.sgd import SGDStep
@@ -96,6 +96,10 @@ class LeanEpochLoop(private.TrainingEpochLoop):
             self.lean_sgd_why = sgd.why_not_verified()
             if self.lean_sgd_why is None:
                 self.lean_sgd = SGDStep(trainer.optimizers[0])
+        # a MultiStepLR steps without torch's per-call machinery on steps that change no rate (lrstep.py)
+        multistep = any(type(c.scheduler) is lrstep.MultiStepLR for c in trainer.lr_scheduler_configs)
+        self.lean_lr_why = lrstep.why_not_verified() if multistep else None  # why not, where one is used
+        self.lean_lr_step = lrstep.MultiStepLRStep(verified=multistep and self.lean_lr_why is None)
         self.lean_modules = list(module.modules())
         self.lean_module = module  # trainer.lightning_module, without its property lookups every step
         self.lean_graph: GraphedSGDStep | None = None
@@ -304,7 +308,7 @@ class LeanEpochLoop(private.TrainingEpochLoop):
             if self.lean_module_hooks["lr_scheduler_step"]:
                 call_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)
             else:
-                config.scheduler.step()  # LightningModule.lr_scheduler_step without a monitored metric
+                self.lean_lr_step.step(config.scheduler)  # LightningModule.lr_scheduler_step: scheduler.step()
             self.scheduler_progress.increment_completed()
 
 
@@ -331,4 +335,6 @@ def install(trainer: L.Trainer, module: L.LightningModule, cuda_graph: bool) -> 
     extra = "" if not on_gpu else ", CUDA graph steps" if graphs is None else f", eager steps: {graphs}"
     if loop.lean_sgd_why is not None:
         extra += f"; SGD steps through optimizer.step: {loop.lean_sgd_why}"
+    if loop.lean_lr_why is not None:
+        extra += f"; MultiStepLR steps through scheduler.step: {loop.lean_lr_why}"
     return restore, extra
