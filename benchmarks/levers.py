@@ -2,11 +2,12 @@
 in one process, rounds alternating their order, each beside the lecture's loop on one thread (docs/speed.md).
 
 A lever turned off is the code path it replaces, put back for that fit only: `scheduler.step()` for the MultiStepLR
-step (lrstep.py), `optimizer.step` for the SGD step (sgd.py), TensorBoard's own checksum (tbcrc.py), Lightning's
-flush after every logging step (runlogger.py), and Lightning's own loop for the lean loop. Ratios are taken within
+step (lrstep.py), `optimizer.step` for the SGD step (sgd.py), TensorBoard's own checksum (tbcrc.py), TensorBoard's
+writer thread (tbsync.py), Lightning's flush after every logging step (runlogger.py), and Lightning's own loop for the
+lean loop. Ratios are taken within
 a round (fit / the lecture loop run just before or after it) and compared with the round's all-levers fit.
 
-    python benchmarks/levers.py [--rounds 6] [--steps 6000] [--off lrstep tbcrc flush] [--no_diagnostics]
+    python benchmarks/levers.py [--rounds 6] [--steps 6000] [--off tbsync tbcrc flush lrstep] [--no_diagnostics]
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mm_lightning import bench, runlogger
 from mm_lightning.cli import _quiet_noise
 from mm_lightning.model import MLPConfig
-from mm_lightning.speed import lrstep, sgd, tbcrc
+from mm_lightning.speed import lrstep, sgd, tbcrc, tbsync
 
 ON = {
     "lrstep": (lrstep.MultiStepLRStep, "exact", lrstep.MultiStepLRStep.exact),
     "sgd": (sgd.SGDStep, "exact", sgd.SGDStep.exact),
     "tbcrc": (tbcrc.CRCSwap, "install", tbcrc.CRCSwap.install),
+    "tbsync": (tbsync.TrainingThreadWrites, "install", tbsync.TrainingThreadWrites.install),
     "flush": (runlogger.RunLogger, "save", runlogger.RunLogger.save),
 }
 OFF = {
     "lrstep": lambda self, scheduler: False,
     "sgd": lambda self: False,
     "tbcrc": lambda self: "turned off by benchmarks/levers.py",
+    "tbsync": lambda self, loggers: None,
     "flush": TensorBoardLogger.save,
 }
 
@@ -46,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--off", nargs="+", default=["lrstep", "tbcrc", "flush"], choices=[*ON, "lean_loop"])
+    parser.add_argument("--off", nargs="+", default=["tbsync", "tbcrc", "flush", "lrstep"], choices=[*ON, "lean_loop"])
     parser.add_argument("--no_diagnostics", action="store_true")
     parser.add_argument("--data_path", default="data/names.txt")
     a = parser.parse_args()

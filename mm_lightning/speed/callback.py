@@ -39,6 +39,7 @@ class FastPath(Callback):
         self._threads: tuple[int, int] | None = None  # (threads for training, threads to restore)
         self._threads_decided = False
         self._crc = None  # TensorBoard's checksums in C during fit (tbcrc.py), on either path
+        self._writes = None  # TensorBoard's events written by the training thread during fit (tbsync.py)
         self.path: str | None = None  # "lean" or "plain", for tests and the benchmark
         self.why: str | None = None  # why the plain loop runs
 
@@ -72,9 +73,13 @@ class FastPath(Callback):
             rank_zero_info(f"training path: plain Lightning loop, because {why}")
         self._threads_decided = False
         from mm_lightning.speed.tbcrc import CRCSwap  # the same event bytes; nothing to say where it cannot
+        from mm_lightning.speed.tbsync import TrainingThreadWrites
 
         self._crc = CRCSwap()
         self._crc.install()
+        if trainer.strategy.root_device.type == "cpu":  # (on a GPU the training thread mostly waits anyway)
+            self._writes = TrainingThreadWrites()
+            self._writes.install(trainer.loggers)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self._threads_decided:  # the first batch tells the batch size: both paths decide alike
@@ -117,6 +122,9 @@ class FastPath(Callback):
         if self._crc is not None:
             self._crc.restore()
             self._crc = None
+        if self._writes is not None:
+            self._writes.restore()
+            self._writes = None
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._restore(trainer)
