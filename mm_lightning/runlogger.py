@@ -11,11 +11,11 @@ Only the TensorBoard tag changes: Lightning's metric keeps its name, so `--check
 progress bar, `trainer.callback_metrics` and other loggers (CSV, W&B) still say `train/loss`.
 
 Lightning calls the logger's `save()` after every logging step; TensorBoardLogger's flushes the writer, which
-makes training wait while TensorBoard's writer thread drains its queue (~1% of the lecture's CPU steps at
-log_every_n_steps 50). That thread appends each event to a local file as it comes, so nothing waits for the flush
-there; on a store without appends (a bucket) events wait for one. Here `save()` flushes at most every FLUSH_SECS,
-the writer thread flushes within FLUSH_SECS of any write, and a flush comes at every checkpoint (a run resumed
-after a kill has its curve up to the checkpoint) and at the end.
+makes training wait while TensorBoard's writer thread drains its queue (0.5-3% of a CPU step of the lecture's
+model at log_every_n_steps 50, docs/measurements.md). Events reach a local file without it (each is appended as it
+is written); on a store without appends (a bucket) they wait for a flush. Here `save()` flushes at most every
+FLUSH_SECS, TensorBoard's writer thread flushes within FLUSH_SECS of any write, and a flush comes at every
+checkpoint (a run resumed after a kill has its curve up to the checkpoint) and at the end.
 """
 
 from __future__ import annotations

@@ -10,9 +10,13 @@ decides once at fit start and says so in one line:
   the same counters, but calls a hook only where a callback or the module overrides it, skips profiler scopes,
   sets `.grad` to None itself (what `zero_grad()` does), steps a plain torch.optim.SGD with the kernel its `step`
   runs but without its per-call wrappers where that is exact (sgd.py, gated per torch release like the loop per
-  Lightning release), and makes `self.log` in `training_step` / `on_train_batch_end` cheap (private.LeanLog).
+  Lightning release), steps a MultiStepLR by its counters on steps that change no rate (lrstep.py, gated alike),
+  and makes `self.log` in `training_step` / `on_train_batch_end` cheap (private.LeanLog).
   Otherwise Lightning's own `advance` runs, and the line says why.
 - CPU threads, on both paths: one thread when each op of a step is too small to split across cores.
+- TensorBoard, on both paths: event checksums in C (tbcrc.py) and, on a CPU, events appended by the training thread
+  rather than handed to TensorBoard's writer thread, whose wake-ups took the GIL from training (tbsync.py). The
+  files are the same bytes in the same order.
 
 What the lean loop must preserve, and tests/test_fastpath.py checks against the plain loop, bitwise on the CPU:
 parameters, BatchNorm buffers, every logged metric (a user's `self.log` too), callback hooks and what they see,
