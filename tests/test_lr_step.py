@@ -94,7 +94,7 @@ def test_the_torch_code_the_lr_step_mirrors_is_unchanged(path):
     assert gate.fingerprint(gate.resolve(path)) == expected, f"torch changed {name}: re-check lrstep.py against it"
 
 
-def test_another_torch_or_changed_code_is_refused_and_said(monkeypatch, tmp_path, caplog):
+def test_another_torch_or_changed_code_is_refused_and_said(monkeypatch, tmp_path, caplog, names_file):
     import torch.optim.lr_scheduler as torch_lr
 
     monkeypatch.setattr(torch, "__version__", "2.99.0")
@@ -107,7 +107,7 @@ def test_another_torch_or_changed_code_is_refused_and_said(monkeypatch, tmp_path
     # a fit on that torch: steps through scheduler.step, and its fast path line says why
     import lightning as L
 
-    dm = NamesDataModule(path="data/names.txt", batch_size=8, steps_per_epoch=20)
+    dm = NamesDataModule(path=str(names_file), batch_size=8, steps_per_epoch=20)
     model = MakemoreModule(net=MLPConfig(n_hidden=16, n_layers=1), milestones=[5])
     trainer = L.Trainer(
         max_steps=8, callbacks=[FastPath()], logger=False, enable_checkpointing=False, limit_val_batches=0,

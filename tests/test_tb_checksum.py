@@ -51,32 +51,32 @@ class SeesTheChecksum(L.Callback):
         self.during = record_writer.masked_crc32c
 
 
-def _fit(tmp_path):
+def _fit(tmp_path, names_file):
     seen = SeesTheChecksum()
     trainer = L.Trainer(
         max_steps=60, log_every_n_steps=5, callbacks=[FastPath(), seen], limit_val_batches=0,
         logger=RunLogger(save_dir=tmp_path, name="runs", version=0), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
-    dm = NamesDataModule(path="data/names.txt", batch_size=8, steps_per_epoch=60)
+    dm = NamesDataModule(path=str(names_file), batch_size=8, steps_per_epoch=60)
     trainer.fit(MakemoreModule(net=MLPConfig(n_hidden=16, n_layers=1)), dm)
     (events,) = (tmp_path / "runs" / "version_0").glob("events.out.tfevents*")
     return seen.during, _records(events)
 
 
-def test_fit_writes_with_the_c_checksum_and_puts_tensorboards_back(tmp_path):
+def test_fit_writes_with_the_c_checksum_and_puts_tensorboards_back(tmp_path, names_file):
     assert record_writer.masked_crc32c is TENSORBOARD_CRC  # (the test relies on a process where nobody swapped it)
-    during, records = _fit(tmp_path)
+    during, records = _fit(tmp_path, names_file)
     assert during is not TENSORBOARD_CRC and during.__module__ == tbcrc.__name__
     assert record_writer.masked_crc32c is TENSORBOARD_CRC  # back after fit
     assert sum(b"0 loss/train/loss" in r for r in records) == 12  # every 5th of 60 steps, each verified
 
 
-def test_without_the_c_extension_tensorboards_own_runs(tmp_path, monkeypatch):
+def test_without_the_c_extension_tensorboards_own_runs(tmp_path, monkeypatch, names_file):
     monkeypatch.setitem(sys.modules, "google_crc32c", None)  # import fails, as where it is not installed
     assert tbcrc.c_masked_crc32c() is None
     assert tbcrc.CRCSwap().install() == "google-crc32c's C extension is not installed"
-    during, records = _fit(tmp_path)
+    during, records = _fit(tmp_path, names_file)
     assert during is TENSORBOARD_CRC and sum(b"0 loss/train/loss" in r for r in records) == 12
 
 

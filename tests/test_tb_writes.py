@@ -19,7 +19,7 @@ from mm_lightning.speed import FastPath, tbsync
 from tests.test_tb_checksum import _records
 
 
-def _fit(tmp_path, monkeypatch, before=None):
+def _fit(tmp_path, monkeypatch, names_file, before=None):
     """A 60-step CPU fit logging every 5 steps; returns the thread of each record written, in order, and the run."""
     writers: list[str] = []
     original = record_writer.RecordWriter.write
@@ -37,7 +37,7 @@ def _fit(tmp_path, monkeypatch, before=None):
         max_steps=60, log_every_n_steps=5, callbacks=[FastPath()], limit_val_batches=0, logger=logger,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
-    dm = NamesDataModule(path="data/names.txt", batch_size=8, steps_per_epoch=60)
+    dm = NamesDataModule(path=str(names_file), batch_size=8, steps_per_epoch=60)
     trainer.fit(MakemoreModule(net=MLPConfig(n_hidden=16, n_layers=1)), dm)
     assert "write" not in vars(queued), "not given back to TensorBoard after fit"
     (events,) = (tmp_path / "runs" / "version_0").glob("events.out.tfevents*")
@@ -51,8 +51,8 @@ def _loss_steps(records: list[bytes]) -> list[int]:
     return [e.step for e in events for v in e.summary.value if v.tag == "0 loss/train/loss"]
 
 
-def test_a_cpu_fit_writes_its_events_in_the_training_thread_all_of_them_in_order(tmp_path, monkeypatch):
-    writers, records = _fit(tmp_path, monkeypatch, before=lambda w: w.add_text("note", "before fit", 0))
+def test_a_cpu_fit_writes_its_events_in_the_training_thread_all_of_them_in_order(tmp_path, monkeypatch, names_file):
+    writers, records = _fit(tmp_path, monkeypatch, names_file, before=lambda w: w.add_text("note", "before fit", 0))
     assert _loss_steps(records) == list(range(4, 60, 5))  # every logged point, in step order, each record valid
     assert b"before fit" in records[1]  # (records[0]: the file version) what was queued before fit comes first
     main = threading.main_thread().name
@@ -60,10 +60,10 @@ def test_a_cpu_fit_writes_its_events_in_the_training_thread_all_of_them_in_order
     assert set(writers) - {main}, "nothing went through TensorBoard's thread: the text before fit should have"
 
 
-def test_a_slow_write_gives_writing_back_to_tensorboards_thread_and_says_so(tmp_path, monkeypatch, caplog):
+def test_a_slow_write_gives_writing_back_to_tensorboards_thread_and_says_so(tmp_path, monkeypatch, caplog, names_file):
     monkeypatch.setattr(tbsync, "SLOW_WRITE", 0.0)  # every write is "slow": the first one hands over
     with caplog.at_level(logging.INFO):
-        writers, records = _fit(tmp_path, monkeypatch)
+        writers, records = _fit(tmp_path, monkeypatch, names_file)
     assert _loss_steps(records) == list(range(4, 60, 5))
     main = threading.main_thread().name
     assert writers.count(main) == 1, writers  # the one that measured slow; every later event in the thread
