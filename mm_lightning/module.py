@@ -87,6 +87,8 @@ class MakemoreModule(L.LightningModule):
             compile_mode: torch.compile's mode, with compile.
         """
         super().__init__()
+        if isinstance(net, dict):  # Lightning's load_from_checkpoint passes the hparams back as saved (plain values)
+            net = MLPConfig(**net)
         if not lr > 0:
             raise UsageError(f"--model.lr must be positive, got {lr}")
         if any(m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):

@@ -103,3 +103,25 @@ def test_the_default_optimizer_updates_every_parameter_in_one_call_with_sgds_num
         p.grad = g
     optimizer.step()
     assert all(torch.equal(p.detach(), e) for p, e in zip(module.parameters(), expected))
+
+
+def test_lightnings_load_from_checkpoint_gives_back_the_trained_module(tmp_path, names_file):
+    """`MakemoreModule.load_from_checkpoint(path)`, Lightning's own way to load a model in Python: the saved
+    hparams (plain values: the config as a dict) build the same network, with the trained weights, weights_only."""
+    import lightning as L
+
+    from mm_lightning.module import MakemoreModule
+
+    config = MLPConfig(n_hidden=16, n_layers=2, output_scale=0.5)
+    trained = MakemoreModule(net=config, lr=0.05, milestones=[7])
+    trainer = L.Trainer(
+        max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(trained, NamesDataModule(path=str(names_file), batch_size=8, steps_per_epoch=12))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = MakemoreModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert loaded.net.config == config and loaded.hparams.lr == 0.05 and list(loaded.hparams.milestones) == [7]
+    state, again = trained.state_dict(), loaded.state_dict()
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    assert loaded.sample(3, seed=1) == trained.sample(3, seed=1)

@@ -7,9 +7,11 @@ Python thread on the CPU, each hand-over wakes that thread, which takes the GIL 
 (benchmarks/levers.py). Appending an event to a local file costs an open, a write and a close.
 
 From fit start to fit end, FastPath has each TensorBoard logger's writer append its events itself, under the
-writer's own lock, after its queue has been drained (so no two threads write the file, and the order stays). Only
-for a log directory on the local filesystem: a remote store (`s3://...`) is left to TensorBoard's thread. A write
-slower than SLOW_WRITE (a network mount) hands writing back to the thread for the rest of the fit, saying so.
+writer's own lock, each once TensorBoard's thread has written whatever was queued before it (an event another
+thread queued around the swap included): so no two threads write the file at once, and the order stays. Only for
+a log directory on the local filesystem: a remote store (`s3://...`) is left to TensorBoard's thread. When the
+median of the last WINDOW appends takes longer than SLOW_WRITE (a network mount, or another thread that keeps
+the GIL), writing goes back to TensorBoard's thread for the rest of the fit, and one line says so.
 
 Private TensorBoard names used (tests/test_tb_writes.py checks they are still there and still mean this): the
 FileWriter's `event_writer` (torch), the EventFileWriter's `_async_writer`, and that object's `_writer` (the record
@@ -18,12 +20,16 @@ writer its thread calls), `_lock`, `_closed` and `_byte_queue`. A writer laid ou
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-SLOW_WRITE = 0.005  # seconds: a local append takes ~0.05 ms; an NFS round trip can take this long
+# seconds: a local append takes ~0.05 ms; the thread's wake-up it saves is worth ~0.06 ms of training. A median
+# over WINDOW appends, so that one write that waited for the GIL (Python's switch interval is 5 ms) decides nothing
+SLOW_WRITE, WINDOW = 0.001, 5
 _PARTS = ("_writer", "_lock", "_closed", "_byte_queue")
 
 
@@ -61,26 +67,29 @@ class TrainingThreadWrites:
             self._swapped.append(queued)
 
     def _writer(self, queued):
-        record_writer, lock = queued._writer, queued._lock
+        record_writer, lock, pending = queued._writer, queued._lock, queued._byte_queue
+        times: deque[float] = deque(maxlen=WINDOW)
 
         def write(bytestring) -> None:
             with lock:
                 if queued._closed:
                     raise OSError("Writer is closed")  # as TensorBoard's own write says
+                pending.join()  # what TensorBoard's thread still has (queued around a swap) is written first
                 start = time.perf_counter()
                 record_writer.write(bytestring)
-                took = time.perf_counter() - start
-            if took > SLOW_WRITE and vars(queued).get("write") is write:
-                del queued.write  # TensorBoard's write again: its thread appends from the next event on
-                rank_zero_info(
-                    f"TensorBoard: appending an event took {took * 1000:.0f} ms (a network filesystem?); "
-                    "TensorBoard's writer thread writes the events from here on"
-                )
+                times.append(time.perf_counter() - start)
+                slow = len(times) == WINDOW and statistics.median(times) > SLOW_WRITE
+                if slow and vars(queued).pop("write", None) is not None:  # (once, whichever thread sees it)
+                    rank_zero_info(
+                        f"TensorBoard: appending an event took {statistics.median(times) * 1000:.1f} ms (a network "
+                        "filesystem, or another thread holding the GIL); TensorBoard's writer thread writes the "
+                        "events from here on"
+                    )
 
         return write
 
     def restore(self) -> None:
         for queued in self._swapped:
-            if "write" in vars(queued):
-                del queued.write
+            with queued._lock:
+                vars(queued).pop("write", None)
         self._swapped = []
