@@ -98,7 +98,9 @@ def test_another_torch_or_changed_code_is_refused_and_said(monkeypatch, tmp_path
     import torch.optim.lr_scheduler as torch_lr
 
     monkeypatch.setattr(torch, "__version__", "2.99.0")
-    assert lrstep.why_not_verified() == "torch 2.99.0 is not a version its MultiStepLR step was verified against"
+    assert (
+        lrstep.why_not_verified() == "torch 2.99.0 is not a version its MultiStepLR step was verified against (2.13.0)"
+    )
     monkeypatch.undo()
     original = torch_lr.MultiStepLR.get_lr
     monkeypatch.setattr(torch_lr.MultiStepLR, "get_lr", lambda self: original(self))

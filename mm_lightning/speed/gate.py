@@ -118,6 +118,19 @@ def first_difference(paths: tuple[str, ...], expected: dict, library: str, versi
     return None
 
 
+def torch_why_not(verified: dict[str, dict[str, str]], mirrored: tuple[str, ...], who: str) -> str | None:
+    """Why `who` (a shortcut mirroring torch functions: "its SGD step") must not run on the installed torch: its
+    release (without "+cpu"/"+cu128") not in `verified`, or a mirrored function's fingerprint not the one recorded
+    there. None when it may."""
+    import torch
+
+    version = torch.__version__.split("+")[0]
+    expected = verified.get(version)
+    if expected is None:
+        return f"torch {version} is not a version {who} was verified against ({', '.join(verified)})"
+    return first_difference(mirrored, expected, "torch", version, who)
+
+
 def why_not_verified() -> str | None:
     """Why the lean loop must not run on this Lightning (None when it may): the version, a private name, a
     fingerprint. Reading the sources costs a few milliseconds, once per fit."""

@@ -15,7 +15,6 @@ the torch functions it mirrors (as sgd.py does for the SGD step). On any other t
 
 from __future__ import annotations
 
-import torch
 from torch.optim.lr_scheduler import MultiStepLR
 
 from mm_lightning.speed import gate
@@ -50,11 +49,7 @@ _METHODS = ("step", "_update_lr", "get_lr")
 
 def why_not_verified() -> str | None:
     """Why MultiStepLR must step through scheduler.step() on this torch (None when the shortcut may run)."""
-    version = torch.__version__.split("+")[0]
-    expected = TORCH_VERIFIED.get(version)
-    if expected is None:
-        return f"torch {version} is not a version its MultiStepLR step was verified against"
-    return gate.first_difference(MIRRORED, expected, "torch", version, "its MultiStepLR step")
+    return gate.torch_why_not(TORCH_VERIFIED, MIRRORED, "its MultiStepLR step")
 
 
 class MultiStepLRStep:

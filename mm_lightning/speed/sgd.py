@@ -52,11 +52,7 @@ TORCH_VERIFIED: dict[str, dict[str, str]] = {
 
 def why_not_verified() -> str | None:
     """Why SGD steps must go through optimizer.step on this torch (None when SGDStep may run)."""
-    version = torch.__version__.split("+")[0]
-    expected = TORCH_VERIFIED.get(version)
-    if expected is None:
-        return f"torch {version} is not a version its SGD step was verified against ({', '.join(TORCH_VERIFIED)})"
-    return gate.first_difference(MIRRORED, expected, "torch", version, "its SGD step")
+    return gate.torch_why_not(TORCH_VERIFIED, MIRRORED, "its SGD step")
 
 
 def _one_kind(params: list) -> str | None:
