@@ -62,8 +62,7 @@ class TrainingThreadWrites:
             queued = async_writer(experiment)
             if queued is None or "://" in str(experiment.get_logdir()):
                 continue
-            queued.flush()  # drained: from here on, only this thread writes (under the writer's lock)
-            queued.write = self._writer(queued)
+            queued.write = self._writer(queued)  # (each write first waits for what the queue still holds)
             self._swapped.append(queued)
 
     def _writer(self, queued):
@@ -78,10 +77,10 @@ class TrainingThreadWrites:
                 start = time.perf_counter()
                 record_writer.write(bytestring)
                 times.append(time.perf_counter() - start)
-                slow = len(times) == WINDOW and statistics.median(times) > SLOW_WRITE
-                if slow and vars(queued).pop("write", None) is not None:  # (once, whichever thread sees it)
+                median = statistics.median(times) if len(times) == WINDOW else 0.0
+                if median > SLOW_WRITE and vars(queued).pop("write", None) is not None:  # (once, whichever thread)
                     rank_zero_info(
-                        f"TensorBoard: appending an event took {statistics.median(times) * 1000:.1f} ms (a network "
+                        f"TensorBoard: appending an event took {median * 1000:.1f} ms (a network "
                         "filesystem, or another thread holding the GIL); TensorBoard's writer thread writes the "
                         "events from here on"
                     )
