@@ -99,6 +99,19 @@ def test_stds_hold_where_the_std_is_below_the_means_rounding():
     assert s.layers[0].mean == pytest.approx(out.double().mean().item(), rel=1e-7)
 
 
+def test_stds_hold_over_millions_of_values():
+    """A CNN's activations: 4M values in one layer. Squares summed in float32 by vector_norm left a ReLU output's
+    std 1e-3 off (a new user's check against float64); parameter stds are summed the same way."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.relu(torch.randn(64, 16, 64, 64, generator=g))
+    s = summarize(0, torch.tensor(1.0), [CapturedLayer("relu", nn.ReLU(), out)], None)
+    assert s.layers[0].std == pytest.approx(out.double().std().item(), rel=1e-6)
+    weight = torch.randn(2048, 2048, generator=g).relu()
+    rows = torch.stack([weight.reshape(-1), 1e-3 * weight.reshape(-1), weight.reshape(-1)])
+    params = summarize(0, None, [], CapturedParams(["w"], [tuple(weight.shape)], rows)).params[0]
+    assert params.data_std == pytest.approx(weight.double().std().item(), rel=1e-6)
+
+
 def _snapshot(step=0, loss=3.3, stds=(0.64, 0.64), sats=(0.03, 0.03), gstds=(1e-3, 1e-3), dead=0.0):
     layers = [
         LayerStats(f"l{i}", "Tanh", 0.0, std, sat, dead, grad_mean=0.0, grad_std=g)
