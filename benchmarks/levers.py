@@ -1,13 +1,13 @@
 """What each of the fast path's levers is worth: the default `fit` with all of them against `fit` with one turned off,
 in one process, rounds alternating their order, each beside the lecture's loop on one thread (docs/speed.md).
 
-A lever turned off is the code path it replaces, put back for that fit only: `scheduler.step()` for the MultiStepLR
-step (lrstep.py), `optimizer.step` for the SGD step (sgd.py), TensorBoard's own checksum (tbcrc.py), TensorBoard's
-writer thread (tbsync.py), Lightning's flush after every logging step (runlogger.py), and Lightning's own loop for the
-lean loop. Ratios are taken within
-a round (fit / the lecture loop run just before or after it) and compared with the round's all-levers fit.
+A lever turned off is the code path it replaces, put back for that fit only: autograd for hand gradients
+(handgrad.py), `scheduler.step()` for the MultiStepLR step (lrstep.py), `optimizer.step` for the SGD step (sgd.py),
+TensorBoard's own checksum (tbcrc.py), TensorBoard's writer thread (tbsync.py), Lightning's flush after every logging
+step (runlogger.py), and Lightning's own loop for the lean loop. Ratios are taken within a round (fit / the lecture
+loop run just before or after it) and compared with the round's all-levers fit.
 
-    python benchmarks/levers.py [--rounds 6] [--steps 6000] [--off tbsync tbcrc flush lrstep] [--no_diagnostics]
+    python benchmarks/levers.py [--rounds 6] [--steps 6000] [--off handgrad tbsync ...] [--no_diagnostics]
 """
 
 from __future__ import annotations
@@ -39,17 +39,24 @@ OFF = {
 
 
 def set_levers(off: str | None) -> tuple[str, ...]:
-    """All levers on but `off`; returns the fit's extra CLI arguments (the lean loop is a CLI option)."""
+    """All levers on but `off`; returns the fit's extra CLI arguments (the lean loop and hand gradients are CLI
+    options)."""
     for name, (owner, attribute, original) in ON.items():
         setattr(owner, attribute, OFF[name] if name == off else original)
-    return ("--fast_path.lean_loop", "false") if off == "lean_loop" else ()
+    cli = {"lean_loop": ("--fast_path.lean_loop", "false"), "handgrad": ("--fast_path.hand_gradients", "false")}
+    return cli.get(off, ())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--off", nargs="+", default=["tbsync", "tbcrc", "flush", "lrstep"], choices=[*ON, "lean_loop"])
+    parser.add_argument(
+        "--off",
+        nargs="+",
+        default=["handgrad", "tbsync", "tbcrc", "flush", "lrstep"],
+        choices=[*ON, "lean_loop", "handgrad"],
+    )
     parser.add_argument("--no_diagnostics", action="store_true")
     parser.add_argument("--data_path", default="data/names.txt")
     a = parser.parse_args()

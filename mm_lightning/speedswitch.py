@@ -17,16 +17,24 @@ class NoFastPath(Callback):
 
     why: str | None = None  # said at fit start (a fit only gets this class when the add-on is missing)
 
-    def __init__(self, lean_loop: bool = True, cpu_threads: int | None = None, cuda_graph: bool = True):
+    def __init__(
+        self,
+        lean_loop: bool = True,
+        cpu_threads: int | None = None,
+        cuda_graph: bool = True,
+        hand_gradients: bool = True,
+    ):
         """
         Args:
             lean_loop: the speed add-on's lean loop (mm_lightning/speed), when a fit runs and it is installed.
             cpu_threads: CPU threads for training steps (the speed add-on's choice when null).
             cuda_graph: CUDA graph steps in the lean loop on one GPU.
+            hand_gradients: hand-computed gradients in the lean loop on a CPU.
         """
         if cpu_threads is not None and cpu_threads < 1:
             raise UsageError(f"--fast_path.cpu_threads must be at least 1 (or null for automatic), got {cpu_threads}")
         self.lean_loop, self.cpu_threads, self.cuda_graph = lean_loop, cpu_threads, cuda_graph
+        self.hand_gradients = hand_gradients
         self.path: str | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:

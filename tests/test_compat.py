@@ -157,8 +157,31 @@ def test_the_hook_dicts_step_is_observed_reads_exist():
         assert isinstance(getattr(o, name), dict), name
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
         assert isinstance(getattr(m, name), dict), name
+    assert isinstance(m._global_backward_pre_hooks, dict)
     layer = torch.nn.Linear(1, 1)
-    assert all(isinstance(getattr(layer, a), dict) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    assert all(isinstance(getattr(layer, a), dict) for a in own)
+    assert not private.step_is_observed(opt, [layer])
+    handle = layer.register_full_backward_pre_hook(lambda module, grad_output: None)
+    assert private.step_is_observed(opt, [layer])
+    handle.remove()
+
+
+def test_what_autograd_is_watched_reads_exists_and_sees_each_watcher():
+    """Hand gradients (speed/handgrad.py) skip autograd's backward: each thing that would see it must be seen."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    assert private.autograd_is_watched([weight]) is False
+    handle = weight.register_hook(lambda grad: None)
+    assert private.autograd_is_watched([weight])
+    handle.remove()
+    handle = weight.register_post_accumulate_grad_hook(lambda p: None)
+    assert private.autograd_is_watched([weight])
+    handle.remove()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert private.autograd_is_watched([weight])
+    with torch.no_grad():
+        assert private.autograd_is_watched([weight])
+    assert private.autograd_is_watched([weight]) is False
 
 
 @pytest.mark.slow
@@ -178,7 +201,6 @@ def test_run_checkpoint_on_a_lightning_without_its_private_names_is_model_checkp
     assert _last("runs")["global_step"] == 60
     assert _fit("runs", 90, "--ckpt_path", "last", "--data.steps_per_epoch", "30") == 0
     assert _last("runs")["global_step"] == 90
-
 
 
 class CompatData:

@@ -19,7 +19,13 @@ class FastPath(Callback):
     """Chooses the training path at fit start (see mm_lightning/speed/__init__.py) and says which, in one line:
     `training path: fast (...)` or `training path: plain Lightning loop, because <why>`."""
 
-    def __init__(self, lean_loop: bool = True, cpu_threads: int | None = None, cuda_graph: bool = True):
+    def __init__(
+        self,
+        lean_loop: bool = True,
+        cpu_threads: int | None = None,
+        cuda_graph: bool = True,
+        hand_gradients: bool = True,
+    ):
         """
         Args:
             lean_loop: run the lean loop whenever it can honour the run exactly (speed only: results are bitwise
@@ -27,6 +33,10 @@ class FastPath(Callback):
             cuda_graph: in the lean loop on one CUDA device, run each unobserved step of a training_step the
                 module declares graphable with plain SGD as one CUDA graph replay (graphed.py; the same updates, to
                 float rounding); False runs every step eagerly.
+            hand_gradients: in the lean loop on a CPU, compute each unobserved step of a training_step the module
+                declares graphable, on the core MLP, with the ops autograd runs but no autograd graph (handgrad.py;
+                bitwise the same, checked against autograd at the first step of each batch shape); False runs
+                autograd every step.
             cpu_threads: CPU threads for training steps; None picks one thread when each step's ops are too small
                 to split (under 2.5M multiply-adds in the widest layer), unless OMP_NUM_THREADS is set.
         """
@@ -35,6 +45,7 @@ class FastPath(Callback):
 
             raise UsageError(f"--fast_path.cpu_threads must be at least 1 (or null for automatic), got {cpu_threads}")
         self.lean_loop, self.cpu_threads, self.cuda_graph = lean_loop, cpu_threads, cuda_graph
+        self.hand_gradients = hand_gradients
         self._restore_loop = None  # undoes the lean loop's installation (lean.install)
         self._threads: tuple[int, int] | None = None  # (threads for training, threads to restore)
         self._threads_decided = False
@@ -62,7 +73,7 @@ class FastPath(Callback):
             from mm_lightning.speed import lean
 
             try:
-                self._restore_loop, extra = lean.install(trainer, pl_module, self.cuda_graph)
+                self._restore_loop, extra = lean.install(trainer, pl_module, self.cuda_graph, self.hand_gradients)
             except Exception as e:  # noqa: BLE001 - a Lightning the gate did not foresee: its own loop still trains
                 why = f"the lean loop could not start ({type(e).__name__}: {str(e).splitlines()[0]})"
         if why is None:

@@ -15,8 +15,9 @@ from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mm_lightning.speed import lrstep, private, sgd
+from mm_lightning.speed import handgrad, lrstep, private, sgd
 from mm_lightning.speed.graphed import GraphedSGDStep, can_graph, why_not_graphable
+from mm_lightning.speed.handgrad import HandGradStep
 from mm_lightning.speed.private import ClosureResult, call_module_hook
 from mm_lightning.speed.sgd import SGDStep
 
@@ -103,12 +104,13 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         self.lean_modules = list(module.modules())
         self.lean_module = module  # trainer.lightning_module, without its property lookups every step
         self.lean_graph: GraphedSGDStep | None = None
+        self.lean_hand: HandGradStep | None = None
 
-    def graph_steps(self, trainer: L.Trainer, module: L.LightningModule) -> str | None:
-        """Run unobserved steps as CUDA graph replays (graphed.py) where the module declares its step graphable;
-        returns why not (None when they will)."""
-        if trainer.strategy.root_device.type != "cuda":
-            return "not on a CUDA device"
+    def _why_not_declared_step(self, trainer: L.Trainer, module: L.LightningModule, device: str) -> str | None:
+        """Why unobserved steps cannot run the module's declared graphable step some other way than its
+        training_step (a CUDA graph, hand gradients) on this device type: None when they can."""
+        if trainer.strategy.root_device.type != device:
+            return "not on a CUDA device" if device == "cuda" else "not on the CPU"
         if type(trainer.strategy) is not SingleDeviceStrategy:
             return f"strategy {type(trainer.strategy).__name__}"
         why = why_not_graphable(module)
@@ -120,9 +122,24 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         hooked += [h for h in ("optimizer_step", "optimizer_zero_grad", "backward") if self.lean_module_hooks[h]]
         if hooked or self.lean_plain_step or self.lean_plain_backward:
             return f"something runs inside each step ({', '.join(hooked) or 'gradient clipping'})"
-        why = can_graph(trainer.optimizers[0], self.lean_params)
+        return None
+
+    def graph_steps(self, trainer: L.Trainer, module: L.LightningModule) -> str | None:
+        """Run unobserved steps as CUDA graph replays (graphed.py) where the module declares its step graphable;
+        returns why not (None when they will)."""
+        why = self._why_not_declared_step(trainer, module, "cuda") or can_graph(trainer.optimizers[0], self.lean_params)
         if why is None:
             self.lean_graph = GraphedSGDStep(module.net, self.lean_params)
+        return why
+
+    def hand_steps(self, trainer: L.Trainer, module: L.LightningModule) -> str | None:
+        """Run unobserved steps with hand gradients (handgrad.py) where the module declares its step graphable and
+        its net is the core MLP; returns why not (None when they will)."""
+        why = self._why_not_declared_step(trainer, module, "cpu") or handgrad.why_not_verified()
+        if why is None:
+            why = handgrad.why_not_hand(module.net, list(module.parameters()), self.lean_params)
+        if why is None:
+            self.lean_hand = HandGradStep(module.net)
         return why
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -210,6 +227,9 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         if graph is not None and not private.step_is_observed(optimizer, self.lean_modules):
             if graph.ready(*batch, optimizer.param_groups[0]["lr"]):
                 return self._graphed_step(graph, args)
+        hand = self.lean_hand
+        if hand is not None and not private.step_is_observed(optimizer, self.lean_modules) and hand.ready(*batch):
+            return self._hand_step(hand, batch)
         results: list[ClosureResult] = []
 
         def closure():
@@ -298,6 +318,39 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         progress.step.increment_completed()
         return ClosureResult.from_training_step_output(loss, 1).asdict()
 
+    def _hand_step(self, hand: HandGradStep, batch) -> dict:
+        """The module's graphable training_step with hand gradients (handgrad.py): _optimizer_step's closure and
+        counters, with the forward and backward by hand and the loss handed to track_train_loss, as the declared
+        training_step does."""
+        trainer, module = self.trainer, self.lean_module
+        progress = self.automatic_optimization.optim_progress.optimizer
+        results: list[ClosureResult] = []
+
+        def closure():
+            previous = private.set_current_fx(module, "training_step")
+            loss, saved = hand.forward(*batch)
+            module.track_train_loss(loss)
+            private.set_current_fx(module, previous)
+            trainer.strategy.post_training_step()
+            results.append(ClosureResult(loss))
+            progress.zero_grad.increment_ready()
+            progress.zero_grad.increment_started()
+            for p in self.lean_params:  # optimizer.zero_grad() (set_to_none)
+                p.grad = None
+            progress.zero_grad.increment_completed()
+            hand.backward(loss, saved)
+            return results[-1].loss
+
+        progress.step.increment_ready()
+        previous = private.set_current_fx(module, "optimizer_step")
+        if self.lean_sgd is not None:
+            self.lean_sgd.step(closure)
+        else:
+            trainer.optimizers[0].step(closure)
+        private.set_current_fx(module, previous)
+        progress.step.increment_completed()
+        return results[-1].asdict()
+
     def _step_schedulers(self) -> None:
         """update_lr_schedulers("step") without the hook dispatch: step-interval schedulers at their frequency."""
         trainer = self.trainer
@@ -312,9 +365,12 @@ class LeanEpochLoop(private.TrainingEpochLoop):
             self.scheduler_progress.increment_completed()
 
 
-def install(trainer: L.Trainer, module: L.LightningModule, cuda_graph: bool) -> tuple[Callable[[], None], str]:
+def install(
+    trainer: L.Trainer, module: L.LightningModule, cuda_graph: bool, hand_gradients: bool = True
+) -> tuple[Callable[[], None], str]:
     """Make the trainer's epoch loop the lean loop and the module's `self.log` LeanLog; returns what undoes both,
-    and the words the fast path's line adds (CUDA graphs or why not). Undone at once if any of it fails."""
+    and the words the fast path's line adds (CUDA graphs or hand gradients, or why not). Undone at once if any of
+    it fails."""
     loop = trainer.fit_loop.epoch_loop
     original = type(loop)
     private.set_epoch_loop_class(trainer, LeanEpochLoop)
@@ -328,11 +384,15 @@ def install(trainer: L.Trainer, module: L.LightningModule, cuda_graph: bool) -> 
         loop.prepare(trainer, module)
         lean_log.install()
         graphs = loop.graph_steps(trainer, module) if cuda_graph else "cuda_graph=False"
+        on_cpu = trainer.strategy.root_device.type == "cpu"
+        hand = (loop.hand_steps(trainer, module) if hand_gradients else "hand_gradients=False") if on_cpu else None
     except BaseException:
         restore()
         raise
     on_gpu = trainer.strategy.root_device.type == "cuda"
     extra = "" if not on_gpu else ", CUDA graph steps" if graphs is None else f", eager steps: {graphs}"
+    if on_cpu:
+        extra += ", hand gradients" if hand is None else f", autograd steps: {hand}"
     if loop.lean_sgd_why is not None:
         extra += f"; SGD steps through optimizer.step: {loop.lean_sgd_why}"
     if loop.lean_lr_why is not None:

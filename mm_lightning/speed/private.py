@@ -228,7 +228,21 @@ def step_is_observed(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Mo
         return True
     if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
         return True
-    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks for x in modules)
+    if m._global_backward_pre_hooks:
+        return True
+    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(x, name) for x in modules for name in own)
+
+
+def autograd_is_watched(params: list[torch.Tensor]) -> bool:
+    """Whether anything would see autograd's backward itself, which hand gradients (handgrad.py) do not run: a tensor
+    hook on a parameter's gradient (before or after it accumulates), saved-tensor hooks, anomaly detection, or grad
+    mode off. torch keeps tensor hooks in private attributes and has no public way to ask."""
+    if torch.is_anomaly_enabled() or not torch.is_grad_enabled():
+        return True
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return True
+    return any(p._backward_hooks or p._post_accumulate_grad_hooks for p in params)
 
 
 # ------------------------------------------------------------------------------------------------ the SGD step

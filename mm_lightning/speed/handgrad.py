@@ -1,0 +1,201 @@
+"""Gradients by hand for the lecture's MLP on a CPU: the ops autograd runs, called directly (used by the lean loop).
+
+On a CPU, a step of the lecture's small network spends ~15% of its time recording the autograd graph and running
+autograd's engine over it, not in arithmetic. Where a module declares its training_step graphable (graphed.py: the
+loss `cross_entropy(self.net(x), y)`, handed to `track_train_loss`) and its net is exactly the core MLP with
+BatchNorm (embedding -> [Linear -> BatchNorm1d -> Tanh] x n -> Linear -> BatchNorm1d, torch's own modules), a step
+that nothing observes runs the forward with no graph and the backward as the aten ops autograd's derivative formulas
+run for these modules, in its order, on the same operands: the same kernels, so the same bits. The ops were read off
+a dispatch trace of `loss.backward()` (tests/test_fastpath.py keeps that trace and this code in step).
+
+Three guards keep it exact, and it steps aside (the fast path's line says why, or one warning) where one fails:
+- the structure: torch's Embedding / Linear / BatchNorm1d / Tanh classes with the options this code handles, the
+  optimizer stepping exactly the net's parameters, none with a tensor hook;
+- the code: the torch release in TORCH_VERIFIED, with the recorded fingerprints of the Python forwards it mirrors
+  (and MLP.forward's);
+- the numbers: the first step of each batch shape is computed both ways (autograd's on the side, every buffer put
+  back) and compared bitwise: loss, every gradient, BatchNorm's running statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from mm_lightning.model import MLP
+from mm_lightning.speed import gate, private
+
+aten = torch.ops.aten
+
+# "module:Qualified.name" of each Python function whose ops the hand step calls itself
+MIRRORED = (
+    "mm_lightning.model:MLP.forward",
+    "torch.nn.modules.sparse:Embedding.forward",
+    "torch.nn.functional:embedding",
+    "torch.nn.modules.linear:Linear.forward",
+    "torch.nn.modules.batchnorm:_BatchNorm.forward",
+    "torch.nn.functional:batch_norm",
+    "torch.nn.modules.activation:Tanh.forward",
+    "torch.nn.functional:cross_entropy",
+)
+
+# torch releases the hand step was verified against, with each mirrored function's fingerprint there (gate.py)
+TORCH_VERIFIED: dict[str, dict[str, str]] = {
+    "2.13.0": {
+        "MLP.forward": "5c4aa31a330306ca",
+        "Embedding.forward": "1dd1797f482e42eb",
+        "embedding": "9daa8d8c26575ac4",
+        "Linear.forward": "c0ab8f42cc3bf948",
+        "_BatchNorm.forward": "42c3a1d2b356ef16",
+        "batch_norm": "93fe25afd4268873",
+        "Tanh.forward": "7ed9ec3bbd34ffe5",
+        "cross_entropy": "a5ec7a23e87b7e65",
+    },
+}
+
+
+def why_not_verified() -> str | None:
+    """Why hand gradients must not run on this torch (None when they may)."""
+    return gate.torch_why_not(TORCH_VERIFIED, MIRRORED, "hand gradients")
+
+
+def why_not_hand(net: nn.Module, module_params: list, optimizer_params: list) -> str | None:
+    """Why this net's gradients cannot be computed by hand exactly (None when they can)."""
+    if type(net).forward is not MLP.forward:
+        return f"{type(net).__name__} is not the core MLP (its own forward)"
+    c = net.config
+    if not (c.batchnorm and c.output_batchnorm):
+        return "the MLP has Linear biases (batchnorm or output_batchnorm off)"
+    emb = net.embedding
+    if type(emb) is not nn.Embedding or emb.padding_idx is not None or emb.max_norm is not None:
+        return "the embedding is not a plain nn.Embedding"
+    if emb.scale_grad_by_freq or emb.sparse:
+        return "the embedding scales or sparsifies its gradient"
+    kinds = [nn.Linear, nn.BatchNorm1d, nn.Tanh] * c.n_layers + [nn.Linear, nn.BatchNorm1d]
+    if [type(m) for m in net.layers] != kinds:
+        return "the layers are not torch's Linear / BatchNorm1d / Tanh"
+    for m in net.layers:
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            return "a Linear has a bias"
+        if isinstance(m, nn.BatchNorm1d) and not (m.affine and m.track_running_stats and m.momentum is not None):
+            return "a BatchNorm1d without affine, running statistics or a momentum"
+    params = list(net.parameters())
+    ids = {id(p) for p in params}
+    if {id(p) for p in module_params} != ids or {id(p) for p in optimizer_params} != ids:
+        return "the optimizer or the module holds parameters other than the net's"
+    if not all(p.requires_grad and p.device.type == "cpu" for p in params):
+        return "a parameter is frozen or not on the CPU"
+    return None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal (a NaN equals the same NaN, and 0.0 differs from -0.0, unlike torch.equal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+class HandGradStep:
+    """`loss = cross_entropy(net(x), y)` and every parameter's .grad, with autograd's ops but no autograd graph."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+        self.embedding = net.embedding
+        modules = list(net.layers)
+        self.blocks = [(modules[i], modules[i + 1]) for i in range(0, len(modules), 3)]  # (Linear, BatchNorm1d)
+        self.params = list(net.parameters())
+        self.checked: set[tuple] = set()  # batch shapes whose step was compared with autograd's
+        self.off: str | None = None  # why hand steps stopped
+        self.steps = 0  # steps run by hand
+
+    def ready(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether this batch's step may run by hand (compared with autograd's first, for a new batch shape)."""
+        if self.off is not None or private.autograd_is_watched(self.params) or not self.net.training:
+            return False
+        if x.dim() != 2 or y.dim() != 1 or x.shape[0] < 2 or not all(bn.training for _, bn in self.blocks):
+            return False  # (a one-row batch: BatchNorm raises, as the eager step will say)
+        key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype)
+        if key not in self.checked:
+            why = self._compare(x, y)
+            if why is not None:
+                self.off = why
+                rank_zero_warn(f"hand gradients differ from autograd's ({why}): steps run autograd from here")
+                return False
+            self.checked.add(key)
+        return True
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The loss, and what the backward needs (the tensors autograd would save)."""
+        self.steps += 1
+        h = aten.embedding(self.embedding.weight, x)
+        emb_shape = h.shape
+        h = h.view(h.shape[0], -1)
+        saved = []
+        last = len(self.blocks) - 1
+        for i, (linear, bn) in enumerate(self.blocks):
+            a = aten.mm(h, linear.weight.t())
+            bn.num_batches_tracked.add_(1)
+            out, mean, invstd = aten.native_batch_norm(
+                a, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
+            )
+            saved.append((h, a, mean, invstd))
+            h = aten.tanh(out) if i < last else out
+        logp = aten._log_softmax(h, 1, False)
+        loss, total_weight = aten.nll_loss_forward(logp, y, None, 1, -100)
+        return loss, [x, emb_shape, saved, logp, y, total_weight, h]
+
+    @torch.no_grad()
+    def backward(self, loss: torch.Tensor, saved: list) -> None:
+        """Every parameter's .grad, as `loss.backward()` with .grad None leaves it."""
+        x, emb_shape, blocks, logp, y, total_weight, top = saved
+        g = aten.nll_loss_backward(torch.ones_like(loss), logp, y, None, 1, -100, total_weight)
+        g = aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
+        for i in reversed(range(len(self.blocks))):
+            linear, bn = self.blocks[i]
+            h, a, mean, invstd = blocks[i]
+            if i < len(self.blocks) - 1:
+                g = aten.tanh_backward(g, blocks[i + 1][0])  # the tanh's output is the next Linear's input
+            g, bn.weight.grad, bn.bias.grad = aten.native_batch_norm_backward(
+                g, a, bn.weight, bn.running_mean, bn.running_var, mean, invstd, True, bn.eps, [True, True, True]
+            )
+            # mm's mat2 is weight.t(), column-major: autograd takes (grad.t() @ mat1).t(), and t's backward .t()
+            linear.weight.grad = g.t().mm(h)
+            g = g.mm(linear.weight)  # mm's mat1: grad.mm(mat2.t())
+        self.embedding.weight.grad = aten.embedding_dense_backward(
+            g.view(emb_shape), x, self.embedding.weight.shape[0], -1, False
+        )
+
+    def _compare(self, x: torch.Tensor, y: torch.Tensor) -> str | None:
+        """Autograd's step and the hand step on this batch, each from the same state, compared bitwise; the
+        buffers are put back after each (the training step that follows updates them). None when equal."""
+        buffers = list(self.net.buffers())
+        with torch.no_grad():
+            before = [b.clone() for b in buffers]
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(self.net(x), y)
+            grads = torch.autograd.grad(loss, self.params)
+        with torch.no_grad():
+            expected = [b.clone() for b in buffers]
+            for b, old in zip(buffers, before):
+                b.copy_(old)
+        grads_before = [p.grad for p in self.params]
+        hand_loss, saved = self.forward(x, y)
+        self.steps -= 1  # a comparison, not a training step
+        self.backward(hand_loss, saved)
+        hand = [p.grad for p in self.params]
+        for p, g in zip(self.params, grads_before):
+            p.grad = g
+        with torch.no_grad():
+            after = [b.clone() for b in buffers]
+            for b, old in zip(buffers, before):
+                b.copy_(old)
+        if not _same_bits(loss.detach(), hand_loss):
+            return "the loss"
+        for name, (p, g, h) in zip([n for n, _ in self.net.named_parameters()], zip(self.params, grads, hand)):
+            if h is None or h.stride() != p.stride() or not _same_bits(g, h):
+                return f"{name}'s gradient"
+        if not all(_same_bits(a, b) for a, b in zip(expected, after)):
+            return "BatchNorm's running statistics"
+        return None

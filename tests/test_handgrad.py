@@ -1,0 +1,188 @@
+"""Hand gradients (mm_lightning/speed/handgrad.py): a CPU step of the core MLP computed with autograd's ops but no
+autograd graph must be bitwise the step autograd computes, run the very ops autograd runs, step aside wherever it
+cannot be exact (and say why), and notice by itself when it is not."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mm_lightning.data import NamesDataModule
+from mm_lightning.diagnostics.callback import TrainingDiagnostics
+from mm_lightning.lecture import NotebookMLPConfig
+from mm_lightning.model import MLPConfig
+from mm_lightning.module import MakemoreModule
+from mm_lightning.speed import FastPath
+from mm_lightning.speed.handgrad import HandGradStep, why_not_hand
+from tests.conftest import scalars
+from tests.test_fastpath import _same
+
+NET = MLPConfig(n_hidden=16, n_layers=2)
+
+
+def _fit(names, root, lean: bool, hand: bool = True, steps: int = 130, module=None, callbacks=()):
+    L.seed_everything(42)
+    module = module or MakemoreModule(net=NET, milestones=[60])
+    fast = FastPath(lean_loop=lean, hand_gradients=hand)
+    diagnostics = TrainingDiagnostics(every_n_steps=20, histograms_every_n_steps=40, figures_every_n_steps=0)
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=50, save_top_k=-1, save_last=True)
+    trainer = L.Trainer(
+        max_steps=steps,
+        default_root_dir=root,
+        callbacks=[fast, diagnostics, checkpoints, *callbacks],
+        logger=[TensorBoardLogger(root, name="tb", version=0), CSVLogger(root, name="csv", version=0)],
+        log_every_n_steps=10,
+        val_check_interval=40,
+        check_val_every_n_epoch=None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, NamesDataModule(path=str(names), steps_per_epoch=50))
+    hand_step = getattr(trainer.fit_loop.epoch_loop, "lean_hand", None)
+    return module, trainer, diagnostics, hand_step
+
+
+def test_hand_gradients_and_the_plain_loop_are_bitwise_the_same(names_file, tmp_path):
+    hand = _fit(names_file, tmp_path / "hand", lean=True)
+    plain = _fit(names_file, tmp_path / "plain", lean=False)
+    # every step but the diagnostics' sampled ones (hooks watch those: autograd runs them) ran by hand
+    assert hand[3] is not None and hand[3].off is None
+    sampled = [s for s in range(130) if s % 20 == 0]
+    assert hand[3].steps == 130 - len(sampled)
+    _same(hand[0].state_dict(), plain[0].state_dict(), "state_dict")  # parameters, BatchNorm buffers
+    for tag in ("callback_metrics", "logged_metrics", "progress_bar_metrics"):
+        _same(dict(getattr(hand[1], tag)), dict(getattr(plain[1], tag)), tag)
+    tb = [scalars(tmp_path / d / "tb" / "version_0") for d in ("hand", "plain")]
+    assert tb[0] == tb[1] and [s for s, _ in tb[0]["train/loss"]] == list(range(9, 130, 10))
+    rows = [list(csv.reader(open(tmp_path / d / "csv" / "version_0" / "metrics.csv"))) for d in ("hand", "plain")]
+    assert rows[0] == rows[1] and len(rows[0]) > 10
+    assert hand[2].last_snapshot == plain[2].last_snapshot and hand[2].last_snapshot.step == 120
+    assert hand[2].update_history == plain[2].update_history
+    files = sorted(p.name for p in (tmp_path / "hand" / "ckpt").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "plain" / "ckpt").iterdir()) and len(files) >= 3
+    for name in files:
+        a, b = (torch.load(tmp_path / d / "ckpt" / name, weights_only=True) for d in ("hand", "plain"))
+        _same(a, b, name, roots=(tmp_path / "hand", tmp_path / "plain"))
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops run inside the block, with their tensor arguments' shapes and strides (view-only ops left out:
+    they move no numbers)."""
+
+    SKIP = {"detach", "t", "view", "empty"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.SKIP:
+            flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])]
+            self.ops.append((name, [(tuple(a.shape), a.stride()) for a in flat if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_hand_step_runs_the_ops_autograd_runs():
+    """The same kernels on the same operands (shapes and memory layouts) are what make the bits the same."""
+    torch.manual_seed(0)
+    net = MLPConfig(n_hidden=20, n_layers=2).build()
+    x, y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
+    auto_forward, auto_backward, hand_forward, hand_backward = _Ops(), _Ops(), _Ops(), _Ops()
+    with auto_forward:
+        loss = F.cross_entropy(net(x), y)
+    with auto_backward:
+        loss.backward()
+    hand = HandGradStep(net)
+    with hand_forward:
+        hand_loss, saved = hand.forward(x, y)
+    with hand_backward:
+        hand.backward(hand_loss, saved)
+    assert hand_forward.ops == auto_forward.ops
+    assert hand_backward.ops == auto_backward.ops
+    assert [op for op, _ in hand_backward.ops].count("mm") == 2 * 3  # each Linear: its weight's and input's
+
+
+def test_a_new_batch_shape_is_compared_with_autograd_first():
+    torch.manual_seed(0)
+    net = MLPConfig(n_hidden=20, n_layers=1).build()
+    hand = HandGradStep(net)
+    for rows in (32, 7, 32):
+        x, y = torch.randint(0, 27, (rows, 3)), torch.randint(0, 27, (rows,))
+        assert hand.ready(x, y)
+    assert {key[0] for key in hand.checked} == {(32, 3), (7, 3)}
+    assert not hand.ready(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long))  # BatchNorm raises
+    with torch.autograd.detect_anomaly():
+        assert not hand.ready(x, y)  # anomaly mode checks autograd's backward: autograd runs it
+
+
+def test_a_difference_from_autograd_turns_hand_gradients_off(names_file, tmp_path, monkeypatch):
+    backward = HandGradStep.backward
+
+    def one_ulp_off(self, loss, saved):
+        backward(self, loss, saved)
+        grad = self.embedding.weight.grad
+        grad[0, 0] = torch.nextafter(grad[0, 0], torch.tensor(1.0))
+
+    monkeypatch.setattr(HandGradStep, "backward", one_ulp_off)
+    with pytest.warns(UserWarning, match=r"hand gradients differ from autograd's \(embedding.weight's gradient\)"):
+        hand = _fit(names_file, tmp_path / "hand", lean=True, steps=30)
+    assert hand[3].steps == 0 and "embedding.weight" in hand[3].off
+    plain = _fit(names_file, tmp_path / "plain", lean=False, steps=30)
+    _same(hand[0].state_dict(), plain[0].state_dict(), "state_dict")
+
+
+class _CountGradients(L.Callback):
+    """A user's tensor hook on a parameter: autograd calls it every step, so every step must run autograd."""
+
+    def __init__(self, kind: str):
+        self.kind, self.calls = kind, 0
+
+    def on_fit_start(self, trainer, pl_module):
+        def count(*_):
+            self.calls += 1
+
+        if self.kind == "hook":
+            pl_module.net.embedding.weight.register_hook(count)
+        else:
+            pl_module.net.layers[0].weight.register_post_accumulate_grad_hook(count)
+
+
+@pytest.mark.parametrize("kind", ["hook", "post_accumulate_grad_hook"])
+def test_tensor_hooks_on_parameters_run_every_step(names_file, tmp_path, kind):
+    counter = _CountGradients(kind)
+    _, _, _, hand = _fit(names_file, tmp_path, lean=True, steps=30, callbacks=[counter])
+    assert counter.calls == 30 and hand.steps == 0
+
+
+@pytest.mark.parametrize(
+    "net, why",
+    [
+        (NotebookMLPConfig(n_layers=1, bn_style="lecture"), "the layers are not torch's Linear / BatchNorm1d / Tanh"),
+        (MLPConfig(n_layers=1, batchnorm=False), "the MLP has Linear biases"),
+        (MLPConfig(n_layers=1, output_batchnorm=False), "the MLP has Linear biases"),
+    ],
+    ids=["notebook-batchnorm", "no-batchnorm", "no-output-batchnorm"],
+)
+def test_hand_gradients_step_aside_for_other_networks(net, why):
+    built = net.build()
+    params = list(built.parameters())
+    assert why in why_not_hand(built, params, params)
+
+
+def test_hand_gradients_step_aside_for_frozen_or_foreign_parameters():
+    net = MLPConfig(n_layers=1).build()
+    params = list(net.parameters())
+    assert why_not_hand(net, params, params) is None
+    extra = torch.nn.Parameter(torch.zeros(3))
+    assert "parameters other than the net's" in why_not_hand(net, params, [*params, extra])
+    assert "parameters other than the net's" in why_not_hand(net, [*params, extra], params)
+    net.embedding.weight.requires_grad_(False)
+    assert "frozen" in why_not_hand(net, params, params)
