@@ -197,6 +197,9 @@ def test_compiled_training_agrees_with_eager_over_hundreds_of_steps(names_file, 
     for (name, a), b in zip(compiled.state_dict().items(), eager.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name
     assert not torch.equal(compiled.net.layers[0].weight, eager.net.layers[0].weight)  # it really ran compiled
+    hand = compiled.trainer.fit_loop.epoch_loop.lean_hand if lean else None
+    if lean:  # on a CPU the lean loop compiles the hand step (forward and backward): all but the 3 sampled steps
+        assert hand.compile_mode == "default" and hand.off is None and hand.steps == 297
 
 
 @pytest.mark.slow

@@ -95,19 +95,14 @@ def test_the_hand_step_runs_the_ops_autograd_runs():
     torch.manual_seed(0)
     net = MLPConfig(n_hidden=20, n_layers=2).build()
     x, y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
-    auto_forward, auto_backward, hand_forward, hand_backward = _Ops(), _Ops(), _Ops(), _Ops()
-    with auto_forward:
-        loss = F.cross_entropy(net(x), y)
-    with auto_backward:
-        loss.backward()
-    hand = HandGradStep(net)
-    with hand_forward:
-        hand_loss, saved = hand.forward(x, y)
-    with hand_backward:
-        hand.backward(hand_loss, saved)
-    assert hand_forward.ops == auto_forward.ops
-    assert hand_backward.ops == auto_backward.ops
-    assert [op for op, _ in hand_backward.ops].count("mm") == 2 * 3  # each Linear: its weight's and input's
+    autograd, hand = _Ops(), _Ops()
+    with autograd:
+        F.cross_entropy(net(x), y).backward()
+    with hand:
+        HandGradStep(net).loss_and_grads(x, y)
+    assert hand.ops == autograd.ops
+    ops = [op for op, _ in hand.ops]
+    assert ops.count("mm") == 3 * 3 and ops.count("native_batch_norm_backward") == 3  # forward + 2 per Linear
 
 
 def test_a_new_batch_shape_is_compared_with_autograd_first():
@@ -124,14 +119,14 @@ def test_a_new_batch_shape_is_compared_with_autograd_first():
 
 
 def test_a_difference_from_autograd_turns_hand_gradients_off(names_file, tmp_path, monkeypatch):
-    backward = HandGradStep.backward
+    loss_and_grads = HandGradStep.loss_and_grads
 
-    def one_ulp_off(self, loss, saved):
-        backward(self, loss, saved)
-        grad = self.embedding.weight.grad
-        grad[0, 0] = torch.nextafter(grad[0, 0], torch.tensor(1.0))
+    def one_ulp_off(self, x, y):
+        loss, grads = loss_and_grads(self, x, y)
+        grads[0][0, 0] = torch.nextafter(grads[0][0, 0], torch.tensor(1.0))
+        return loss, grads
 
-    monkeypatch.setattr(HandGradStep, "backward", one_ulp_off)
+    monkeypatch.setattr(HandGradStep, "loss_and_grads", one_ulp_off)
     with pytest.warns(UserWarning, match=r"hand gradients differ from autograd's \(embedding.weight's gradient\)"):
         hand = _fit(names_file, tmp_path / "hand", lean=True, steps=30)
     assert hand[3].steps == 0 and "embedding.weight" in hand[3].off

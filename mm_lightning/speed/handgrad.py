@@ -97,14 +97,18 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class HandGradStep:
-    """`loss = cross_entropy(net(x), y)` and every parameter's .grad, with autograd's ops but no autograd graph."""
+    """`loss = cross_entropy(net(x), y)` and every parameter's gradient, with autograd's ops but no autograd graph;
+    with a compile mode, that whole function compiled by torch.compile (--model.compile)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, compile_mode: str | None = None):
         self.net = net
         self.embedding = net.embedding
         modules = list(net.layers)
         self.blocks = [(modules[i], modules[i + 1]) for i in range(0, len(modules), 3)]  # (Linear, BatchNorm1d)
-        self.params = list(net.parameters())
+        self.params = list(net.parameters())  # the embedding's weight, then each block's Linear weight, BN weight, bias
+        self.compile_mode = compile_mode
+        # compiled lazily, at its first call (the comparison of the first batch shape)
+        self.compiled = None if compile_mode is None else torch.compile(self.loss_and_grads, mode=compile_mode)
         self.checked: set[tuple] = set()  # batch shapes whose step was compared with autograd's
         self.off: str | None = None  # why hand steps stopped
         self.steps = 0  # steps run by hand
@@ -125,77 +129,95 @@ class HandGradStep:
             self.checked.add(key)
         return True
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """The loss, and what the backward needs (the tensors autograd would save)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One training step's loss and gradients (in `self.params` order); updates BatchNorm's buffers."""
         self.steps += 1
-        h = aten.embedding(self.embedding.weight, x)
+        return (self.compiled or self.loss_and_grads)(x, y)
+
+    def set_grads(self, grads: list[torch.Tensor]) -> None:
+        for p, g in zip(self.params, grads):
+            p.grad = g
+
+    @torch.no_grad()
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The forward, as torch's modules run it in training mode, then the backward, as autograd runs it."""
+        # forward: what Embedding, flatten, Linear (no bias), BatchNorm1d (training), Tanh and cross_entropy call
+        h = torch.embedding(self.embedding.weight, x)
         emb_shape = h.shape
         h = h.view(h.shape[0], -1)
         saved = []
         last = len(self.blocks) - 1
         for i, (linear, bn) in enumerate(self.blocks):
-            a = aten.mm(h, linear.weight.t())
+            a = torch.mm(h, linear.weight.t())
             bn.num_batches_tracked.add_(1)
-            out, mean, invstd = aten.native_batch_norm(
+            out, mean, invstd = torch.native_batch_norm(
                 a, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
             )
             saved.append((h, a, mean, invstd))
-            h = aten.tanh(out) if i < last else out
-        logp = aten._log_softmax(h, 1, False)
-        loss, total_weight = aten.nll_loss_forward(logp, y, None, 1, -100)
-        return loss, [x, emb_shape, saved, logp, y, total_weight, h]
-
-    @torch.no_grad()
-    def backward(self, loss: torch.Tensor, saved: list) -> None:
-        """Every parameter's .grad, as `loss.backward()` with .grad None leaves it."""
-        x, emb_shape, blocks, logp, y, total_weight, top = saved
-        g = aten.nll_loss_backward(torch.ones_like(loss), logp, y, None, 1, -100, total_weight)
-        g = aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
+            h = torch.tanh(out) if i < last else out
+        logp = torch._log_softmax(h, 1, False)
+        loss, total_weight = aten.nll_loss_forward.default(logp, y, None, 1, -100)
+        # backward: each op's derivative formula, as autograd runs them from the loss down
+        grads: list[torch.Tensor] = [None] * len(self.params)  # type: ignore[list-item]
+        g = aten.nll_loss_backward.default(torch.ones_like(loss), logp, y, None, 1, -100, total_weight)
+        g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
         for i in reversed(range(len(self.blocks))):
             linear, bn = self.blocks[i]
-            h, a, mean, invstd = blocks[i]
-            if i < len(self.blocks) - 1:
-                g = aten.tanh_backward(g, blocks[i + 1][0])  # the tanh's output is the next Linear's input
-            g, bn.weight.grad, bn.bias.grad = aten.native_batch_norm_backward(
+            h, a, mean, invstd = saved[i]
+            if i < last:
+                g = aten.tanh_backward.default(g, saved[i + 1][0])  # the tanh's output is the next Linear's input
+            g, grads[2 + 3 * i], grads[3 + 3 * i] = aten.native_batch_norm_backward.default(
                 g, a, bn.weight, bn.running_mean, bn.running_var, mean, invstd, True, bn.eps, [True, True, True]
             )
             # mm's mat2 is weight.t(), column-major: autograd takes (grad.t() @ mat1).t(), and t's backward .t()
-            linear.weight.grad = g.t().mm(h)
+            grads[1 + 3 * i] = g.t().mm(h)
             g = g.mm(linear.weight)  # mm's mat1: grad.mm(mat2.t())
-        self.embedding.weight.grad = aten.embedding_dense_backward(
+        grads[0] = aten.embedding_dense_backward.default(
             g.view(emb_shape), x, self.embedding.weight.shape[0], -1, False
         )
+        return loss, grads
 
     def _compare(self, x: torch.Tensor, y: torch.Tensor) -> str | None:
-        """Autograd's step and the hand step on this batch, each from the same state, compared bitwise; the
-        buffers are put back after each (the training step that follows updates them). None when equal."""
+        """Autograd's step and the hand step on this batch, each from the same state, compared bitwise (and the
+        compiled step, where there is one, to float rounding); the buffers are put back after each (the training
+        step that follows updates them). None when they agree."""
         buffers = list(self.net.buffers())
         with torch.no_grad():
             before = [b.clone() for b in buffers]
+
+        def put_back() -> list[torch.Tensor]:
+            with torch.no_grad():
+                after = [b.clone() for b in buffers]
+                for b, old in zip(buffers, before):
+                    b.copy_(old)
+            return after
+
         with torch.enable_grad():
             loss = torch.nn.functional.cross_entropy(self.net(x), y)
             grads = torch.autograd.grad(loss, self.params)
-        with torch.no_grad():
-            expected = [b.clone() for b in buffers]
-            for b, old in zip(buffers, before):
-                b.copy_(old)
-        grads_before = [p.grad for p in self.params]
-        hand_loss, saved = self.forward(x, y)
-        self.steps -= 1  # a comparison, not a training step
-        self.backward(hand_loss, saved)
-        hand = [p.grad for p in self.params]
-        for p, g in zip(self.params, grads_before):
-            p.grad = g
-        with torch.no_grad():
-            after = [b.clone() for b in buffers]
-            for b, old in zip(buffers, before):
-                b.copy_(old)
-        if not _same_bits(loss.detach(), hand_loss):
-            return "the loss"
-        for name, (p, g, h) in zip([n for n, _ in self.net.named_parameters()], zip(self.params, grads, hand)):
-            if h is None or h.stride() != p.stride() or not _same_bits(g, h):
-                return f"{name}'s gradient"
-        if not all(_same_bits(a, b) for a, b in zip(expected, after)):
-            return "BatchNorm's running statistics"
-        return None
+        expected = (loss.detach(), list(grads), put_back())
+        hand_loss, hand_grads = self.loss_and_grads(x, y)
+        why = _differs(expected, (hand_loss, hand_grads, put_back()), self.net, _same_bits)
+        if why is None and self.compiled is not None:
+            compiled_loss, compiled_grads = self.compiled(x, y)
+            why = _differs(expected, (compiled_loss, compiled_grads, put_back()), self.net, _close)
+            why = why and f"compiled: {why}"
+        return why
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to float rounding: what a compiled step promises (its fused kernels round in another order)."""
+    scale = a.abs().max().item() if a.numel() else 0.0
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(scale, 1e-30))
+
+
+def _differs(expected: tuple, found: tuple, net: nn.Module, same) -> str | None:
+    """What of (loss, gradients, buffers) differs, by `same`, with gradients' strides (None: nothing)."""
+    if not same(expected[0], found[0]):
+        return "the loss"
+    for (name, p), g, h in zip(net.named_parameters(), expected[1], found[1]):
+        if h is None or h.stride() != p.stride() or not same(g, h):
+            return f"{name}'s gradient"
+    if not all(same(a, b) for a, b in zip(expected[2], found[2])):
+        return "BatchNorm's running statistics"
+    return None

@@ -116,7 +116,7 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         why = why_not_graphable(module)
         if why is not None:
             return why
-        if getattr(module, "compiled_net", None) is not None:
+        if device == "cuda" and getattr(module, "compiled_net", None) is not None:
             return "the network is compiled (--model.compile): torch.compile runs each step"
         hooked = [h for h in STEP_HOOKS if self.lean_callbacks[h] or self.lean_module_hooks[h]]
         hooked += [h for h in ("optimizer_step", "optimizer_zero_grad", "backward") if self.lean_module_hooks[h]]
@@ -134,12 +134,15 @@ class LeanEpochLoop(private.TrainingEpochLoop):
 
     def hand_steps(self, trainer: L.Trainer, module: L.LightningModule) -> str | None:
         """Run unobserved steps with hand gradients (handgrad.py) where the module declares its step graphable and
-        its net is the core MLP; returns why not (None when they will)."""
+        its net is the core MLP; returns why not (None when they will). With --model.compile, what torch.compile
+        compiles is the hand step (forward and backward, one function without autograd)."""
         why = self._why_not_declared_step(trainer, module, "cpu") or handgrad.why_not_verified()
         if why is None:
             why = handgrad.why_not_hand(module.net, list(module.parameters()), self.lean_params)
         if why is None:
-            self.lean_hand = HandGradStep(module.net)
+            compiled = getattr(module, "compiled_net", None) is not None
+            compile_mode = getattr(module, "compile_mode", None) if compiled else None
+            self.lean_hand = HandGradStep(module.net, compile_mode)
         return why
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -328,7 +331,7 @@ class LeanEpochLoop(private.TrainingEpochLoop):
 
         def closure():
             previous = private.set_current_fx(module, "training_step")
-            loss, saved = hand.forward(*batch)
+            loss, grads = hand.step(*batch)  # the forward and, already, the backward (nothing runs between them)
             module.track_train_loss(loss)
             private.set_current_fx(module, previous)
             trainer.strategy.post_training_step()
@@ -338,7 +341,7 @@ class LeanEpochLoop(private.TrainingEpochLoop):
             for p in self.lean_params:  # optimizer.zero_grad() (set_to_none)
                 p.grad = None
             progress.zero_grad.increment_completed()
-            hand.backward(loss, saved)
+            hand.set_grads(grads)  # what backward leaves in .grad
             return results[-1].loss
 
         progress.step.increment_ready()
@@ -392,7 +395,8 @@ def install(
     on_gpu = trainer.strategy.root_device.type == "cuda"
     extra = "" if not on_gpu else ", CUDA graph steps" if graphs is None else f", eager steps: {graphs}"
     if on_cpu:
-        extra += ", hand gradients" if hand is None else f", autograd steps: {hand}"
+        compiled = loop.lean_hand is not None and loop.lean_hand.compile_mode is not None
+        extra += f", hand gradients{' compiled' if compiled else ''}" if hand is None else f", autograd steps: {hand}"
     if loop.lean_sgd_why is not None:
         extra += f"; SGD steps through optimizer.step: {loop.lean_sgd_why}"
     if loop.lean_lr_why is not None:
