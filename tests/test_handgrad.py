@@ -27,9 +27,9 @@ from tests.test_fastpath import _same
 NET = MLPConfig(n_hidden=16, n_layers=2)
 
 
-def _fit(names, root, lean: bool, hand: bool = True, steps: int = 130, module=None, callbacks=()):
+def _fit(names, root, lean: bool, hand: bool = True, steps: int = 130, module_class=MakemoreModule, callbacks=()):
     L.seed_everything(42)
-    module = module or MakemoreModule(net=NET, milestones=[60])
+    module = module_class(net=NET, milestones=[60])
     fast = FastPath(lean_loop=lean, hand_gradients=hand)
     diagnostics = TrainingDiagnostics(every_n_steps=20, histograms_every_n_steps=40, figures_every_n_steps=0)
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=50, save_top_k=-1, save_last=True)
@@ -181,3 +181,18 @@ def test_hand_gradients_step_aside_for_frozen_or_foreign_parameters():
     assert "parameters other than the net's" in why_not_hand(net, [*params, extra], params)
     net.embedding.weight.requires_grad_(False)
     assert "frozen" in why_not_hand(net, params, params)
+
+
+class _AdamWModule(MakemoreModule):
+    """A user's own optimizer: the declared training step is unchanged, so hand gradients still serve it."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+
+
+def test_any_optimizer_steps_on_hand_gradients_bitwise(names_file, tmp_path):
+    hand = _fit(names_file, tmp_path / "hand", lean=True, steps=40, module_class=_AdamWModule)
+    plain = _fit(names_file, tmp_path / "plain", lean=False, steps=40, module_class=_AdamWModule)
+    assert hand[3].steps == 40 - 2  # steps 0 and 20 sampled by the diagnostics
+    _same(hand[0].state_dict(), plain[0].state_dict(), "state_dict")
+    _same(hand[1].optimizers[0].state_dict(), plain[1].optimizers[0].state_dict(), "AdamW state")
