@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mm_lightning.data import NamesDataModule
 from mm_lightning.diagnostics.callback import TrainingDiagnostics
 from mm_lightning.lecture import NotebookMLPConfig
-from mm_lightning.model import MLPConfig
+from mm_lightning.model import MLP, MLPConfig
 from mm_lightning.module import MakemoreModule
-from mm_lightning.speed import FastPath
+from mm_lightning.speed import FastPath, gate, handgrad
 from mm_lightning.speed.handgrad import HandGradStep, why_not_hand
 from tests.conftest import scalars
 from tests.test_fastpath import _same
@@ -196,3 +196,32 @@ def test_any_optimizer_steps_on_hand_gradients_bitwise(names_file, tmp_path):
     assert hand[3].steps == 40 - 2  # steps 0 and 20 sampled by the diagnostics
     _same(hand[0].state_dict(), plain[0].state_dict(), "state_dict")
     _same(hand[1].optimizers[0].state_dict(), plain[1].optimizers[0].state_dict(), "AdamW state")
+
+
+@pytest.mark.parametrize("path", handgrad.MIRRORED, ids=[p.partition(":")[2] for p in handgrad.MIRRORED])
+def test_the_code_the_hand_step_mirrors_is_unchanged(path):
+    name = path.partition(":")[2]
+    expected = handgrad.TORCH_VERIFIED.get(torch.__version__.split("+")[0], {}).get(name)
+    assert gate.fingerprint(gate.resolve(path)) == expected, f"{name} changed: re-check handgrad.py against it"
+
+
+def test_the_mlp_forward_the_hand_step_mirrors_is_unchanged(monkeypatch):
+    assert gate.fingerprint(MLP.forward) == handgrad.MLP_FORWARD, "MLP.forward changed: re-check handgrad.py"
+    monkeypatch.setattr(MLP, "forward", lambda self, idx: self.layers(self.embedding(idx).flatten(1)))
+    assert handgrad.why_not_verified().startswith("MLP.forward is not the code the hand step mirrors")
+
+
+def test_another_torch_or_changed_code_runs_autograd_and_says_so(names_file, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    assert handgrad.why_not_verified() == "torch 2.99.0 is not a version the hand step was verified against (2.13.0)"
+    monkeypatch.undo()
+    original = torch.nn.BatchNorm1d.forward
+    monkeypatch.setattr(torch.nn.modules.batchnorm._BatchNorm, "forward", lambda self, x: original(self, x))
+    assert handgrad.why_not_verified().startswith("torch's _BatchNorm.forward is not the code the hand step was")
+    with caplog.at_level("INFO"):
+        changed = _fit(names_file, tmp_path / "changed", lean=True, steps=30)
+    assert changed[3] is None
+    assert "autograd steps: torch's _BatchNorm.forward is not the code the hand step was verified" in caplog.text
+    monkeypatch.undo()
+    plain = _fit(names_file, tmp_path / "plain", lean=False, steps=30)
+    _same(changed[0].state_dict(), plain[0].state_dict(), "state_dict")

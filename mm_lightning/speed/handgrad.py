@@ -30,7 +30,6 @@ aten = torch.ops.aten
 
 # "module:Qualified.name" of each Python function whose ops the hand step calls itself
 MIRRORED = (
-    "mm_lightning.model:MLP.forward",
     "torch.nn.modules.sparse:Embedding.forward",
     "torch.nn.functional:embedding",
     "torch.nn.modules.linear:Linear.forward",
@@ -43,7 +42,6 @@ MIRRORED = (
 # torch releases the hand step was verified against, with each mirrored function's fingerprint there (gate.py)
 TORCH_VERIFIED: dict[str, dict[str, str]] = {
     "2.13.0": {
-        "MLP.forward": "5c4aa31a330306ca",
         "Embedding.forward": "1dd1797f482e42eb",
         "embedding": "9daa8d8c26575ac4",
         "Linear.forward": "c0ab8f42cc3bf948",
@@ -55,9 +53,16 @@ TORCH_VERIFIED: dict[str, dict[str, str]] = {
 }
 
 
+# and of the core MLP's forward, which the hand step mirrors too (edit both together)
+MLP_FORWARD = "5c4aa31a330306ca"
+
+
 def why_not_verified() -> str | None:
-    """Why hand gradients must not run on this torch (None when they may)."""
-    return gate.torch_why_not(TORCH_VERIFIED, MIRRORED, "hand gradients")
+    """Why hand gradients must not run on this torch, or with this MLP.forward (None when they may)."""
+    why = gate.torch_why_not(TORCH_VERIFIED, MIRRORED, "the hand step")
+    if why is None and gate.fingerprint(MLP.forward) != MLP_FORWARD:
+        why = f"MLP.forward is not the code the hand step mirrors (fingerprint {gate.fingerprint(MLP.forward)})"
+    return why
 
 
 def why_not_hand(net: nn.Module, module_params: list, optimizer_params: list) -> str | None:

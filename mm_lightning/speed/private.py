@@ -230,8 +230,7 @@ def step_is_observed(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Mo
         return True
     if m._global_backward_pre_hooks:
         return True
-    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(getattr(x, name) for x in modules for name in own)
+    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks for x in modules)
 
 
 def autograd_is_watched(params: list[torch.Tensor]) -> bool:
