@@ -296,7 +296,7 @@ def test_a_graph_replaces_only_a_training_step_the_module_declares():
 
     assert why_not_graphable(MakemoreModule(net=NET)) is None
     assert why_not_graphable(UserModule(net=NET)) == (
-        "UserModule.training_step is not the one it declares graphable (a graph would not run its code)"
+        "UserModule.training_step is not the one it declares graphable (the declared step would not run its code)"
     )
     assert why_not_graphable(Declared(net=NET)) is None
     assert why_not_graphable(L.LightningModule()) == "LightningModule declares no graphable_training_step"

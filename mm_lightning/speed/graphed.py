@@ -29,15 +29,17 @@ MAX_CAPTURES = 4  # a learning rate that changes more often than this (OneCycleL
 
 
 def why_not_graphable(module: nn.Module) -> str | None:
-    """Why a graph may not replace the module's training_step (None when it may). A module declares it with the
-    class attribute `graphable_training_step = training_step` (the very function), and has `net` and
-    `track_train_loss`; a subclass that overrides training_step without declaring its own is run as written."""
+    """Why a CUDA graph or hand gradients (handgrad.py) may not replace the module's training_step (None when they
+    may). A module declares it with the class attribute `graphable_training_step = training_step` (the very
+    function), and has `net` and `track_train_loss`; a subclass that overrides training_step without declaring its
+    own is run as written."""
     cls = type(module)
     declared = getattr(cls, "graphable_training_step", None)
     if declared is None:
         return f"{cls.__name__} declares no graphable_training_step"
     if declared is not getattr(cls, "training_step", None):
-        return f"{cls.__name__}.training_step is not the one it declares graphable (a graph would not run its code)"
+        why = "the declared step would not run its code"
+        return f"{cls.__name__}.training_step is not the one it declares graphable ({why})"
     if not isinstance(getattr(module, "net", None), nn.Module) or not callable(getattr(module, "track_train_loss", 0)):
         return f"{cls.__name__} declares a graphable training_step but has no net or track_train_loss"
     return None
