@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
 
 from mm_lightning.data import NamesDataModule
 from mm_lightning.diagnostics.callback import TrainingDiagnostics
@@ -90,6 +91,12 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _hand_step(net) -> HandGradStep:
+    module = MakemoreModule(net=NET)
+    module.net = net
+    return HandGradStep(module, torch.optim.SGD(module.parameters(), lr=0.1))
+
+
 def test_the_hand_step_runs_the_ops_autograd_runs():
     """The same kernels on the same operands (shapes and memory layouts) are what make the bits the same."""
     torch.manual_seed(0)
@@ -98,8 +105,9 @@ def test_the_hand_step_runs_the_ops_autograd_runs():
     autograd, hand = _Ops(), _Ops()
     with autograd:
         F.cross_entropy(net(x), y).backward()
+    step = _hand_step(net)
     with hand:
-        HandGradStep(net).loss_and_grads(x, y)
+        step.loss_and_grads(x, y)
     assert hand.ops == autograd.ops
     ops = [op for op, _ in hand.ops]
     assert ops.count("mm") == 3 * 3 and ops.count("native_batch_norm_backward") == 3  # forward + 2 per Linear
@@ -108,7 +116,7 @@ def test_the_hand_step_runs_the_ops_autograd_runs():
 def test_a_new_batch_shape_is_compared_with_autograd_first():
     torch.manual_seed(0)
     net = MLPConfig(n_hidden=20, n_layers=1).build()
-    hand = HandGradStep(net)
+    hand = _hand_step(net)
     for rows in (32, 7, 32):
         x, y = torch.randint(0, 27, (rows, 3)), torch.randint(0, 27, (rows,))
         assert hand.ready(x, y)
@@ -225,3 +233,123 @@ def test_another_torch_or_changed_code_runs_autograd_and_says_so(names_file, tmp
     monkeypatch.undo()
     plain = _fit(names_file, tmp_path / "plain", lean=False, steps=30)
     _same(changed[0].state_dict(), plain[0].state_dict(), "state_dict")
+
+
+# ------------------------------------------------------------------ what changes mid-fit, or is not the core MLP
+
+
+class _Double(torch.nn.Module):
+    def forward(self, weight):
+        return weight * 1.0
+
+
+def _patch_forward(net, calls):
+    layer = net.layers[2]
+    original = layer.forward
+
+    def counted(x):
+        calls.append(1)
+        return original(x)
+
+    layer.forward = counted
+
+
+CHANGES = {
+    "freeze-embedding": lambda net, calls: net.embedding.weight.requires_grad_(False),
+    "momentum-none": lambda net, calls: setattr(net.layers[1], "momentum", None),  # as SWA's BatchNorm epoch does
+    "no-running-stats": lambda net, calls: setattr(net.layers[4], "track_running_stats", False),
+    "parametrize": lambda net, calls: torch.nn.utils.parametrize.register_parametrization(
+        net.layers[0], "weight", _Double()
+    ),
+    "patch-forward": _patch_forward,
+    "eval-mode": lambda net, calls: net.layers[1].eval(),
+}
+
+
+class _ChangeAt(L.Callback):
+    """A callback that changes the net at one step, as a user's might (or Lightning's StochasticWeightAveraging)."""
+
+    def __init__(self, change, step: int = 12):
+        self.change, self.step, self.calls = change, step, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.change(pl_module.net, self.calls)
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=list(CHANGES))
+def test_a_change_mid_fit_is_honoured_bitwise(names_file, tmp_path, change):
+    hand_change, plain_change = _ChangeAt(CHANGES[change]), _ChangeAt(CHANGES[change])
+    hand = _fit(names_file, tmp_path / "hand", lean=True, steps=30, callbacks=[hand_change])
+    plain = _fit(names_file, tmp_path / "plain", lean=False, steps=30, callbacks=[plain_change])
+    assert 0 < hand[3].steps <= 12  # by hand until the change (steps 0 and 20 sampled), autograd after it
+    _same(hand[0].state_dict(), plain[0].state_dict(), "state_dict")
+    assert hand_change.calls == plain_change.calls  # a patched forward runs every step on both
+
+
+def test_nets_that_are_not_the_core_mlp_step_aside():
+    net = MLPConfig(n_layers=2, n_embd=10, block_size=10, n_hidden=100).build()
+    net.layers[3].weight = net.layers[0].weight  # tied (100 x 100 each)
+    params = list(net.parameters())
+    assert "tied, or one more" in why_not_hand(net, params, params)
+    net = MLPConfig(n_layers=1).build()
+    net.temperature = torch.nn.Parameter(torch.ones(()))  # one more parameter, listed first
+    params = list(net.parameters())
+    assert "tied, or one more" in why_not_hand(net, params, params)
+    net = MLPConfig(n_layers=1).build()
+    net.layers[0].forward = lambda x: x
+    assert "forward is replaced on the instance" in why_not_hand(net, list(net.parameters()), list(net.parameters()))
+
+
+class _OwnForward(MakemoreModule):
+    def training_forward(self, idx):
+        return super().training_forward(idx) * 0.5
+
+
+class _OwnTracking(MakemoreModule):
+    def track_train_loss(self, loss):
+        super().track_train_loss(loss)
+
+
+def test_a_module_overriding_what_its_declared_step_calls_steps_aside():
+    from mm_lightning.speed.graphed import why_not_graphable
+
+    assert why_not_graphable(_OwnForward(net=NET)) == (
+        "_OwnForward overrides training_forward (the declared step would not run its code)"
+    )
+    assert why_not_graphable(_OwnTracking(net=NET)) == (
+        "_OwnTracking overrides track_train_loss (the declared step would not run its code)"
+    )
+
+
+def test_lightnings_accumulation_and_swa_callbacks_run_as_on_lightnings_loop(names_file, tmp_path):
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging
+
+    def fit(root, lean, callback):
+        L.seed_everything(0)
+        module = MakemoreModule(net=NET)
+        trainer = L.Trainer(
+            max_epochs=4,
+            callbacks=[FastPath(lean_loop=lean), callback()],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True))
+        return module, trainer
+
+    names = NamesDataModule(path=str(names_file))  # SWA takes a map-style dataset: 12 batches of the names
+    names.setup()
+    x, y = (t[:384] for t in names.splits["train"].tensors())
+
+    callbacks = {
+        "accumulation": lambda: GradientAccumulationScheduler({0: 1, 2: 2}),
+        "swa": lambda: StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2, annealing_epochs=1),
+    }
+    for name, callback in callbacks.items():
+        lean, plain = fit(tmp_path / f"{name}-lean", True, callback), fit(tmp_path / f"{name}-plain", False, callback)
+        assert lean[1].global_step == plain[1].global_step, name
+        assert name != "accumulation" or plain[1].global_step == 2 * 12 + 2 * 6  # it did accumulate
+        _same(lean[0].state_dict(), plain[0].state_dict(), name)

@@ -42,6 +42,12 @@ def why_not_graphable(module: nn.Module) -> str | None:
         return f"{cls.__name__}.training_step is not the one it declares graphable ({why})"
     if not isinstance(getattr(module, "net", None), nn.Module) or not callable(getattr(module, "track_train_loss", 0)):
         return f"{cls.__name__} declares a graphable training_step but has no net or track_train_loss"
+    # what the declared step calls, as the class that declared it has them (MakemoreModule.training_step calls
+    # training_forward; a declared step hands a loss without autograd's graph to track_train_loss)
+    owner = next(c for c in cls.__mro__ if "graphable_training_step" in vars(c))
+    for name in ("training_forward", "track_train_loss"):
+        if getattr(cls, name, None) is not getattr(owner, name, None):
+            return f"{cls.__name__} overrides {name} (the declared step would not run its code)"
     return None
 
 

@@ -85,13 +85,27 @@ def why_not_hand(net: nn.Module, module_params: list, optimizer_params: list) ->
             return "a Linear has a bias"
         if isinstance(m, nn.BatchNorm1d) and not (m.affine and m.track_running_stats and m.momentum is not None):
             return "a BatchNorm1d without affine, running statistics or a momentum"
+    if any("forward" in vars(m) for m in net.modules()):
+        return "a module's forward is replaced on the instance"
     params = list(net.parameters())
+    if len(params) != len(_expected_params(net)) or any(a is not b for a, b in zip(params, _expected_params(net))):
+        return "the MLP's parameters are not its layers' own (tied, or one more)"
     ids = {id(p) for p in params}
     if {id(p) for p in module_params} != ids or {id(p) for p in optimizer_params} != ids:
         return "the optimizer or the module holds parameters other than the net's"
     if not all(p.requires_grad and p.device.type == "cpu" for p in params):
         return "a parameter is frozen or not on the CPU"
     return None
+
+
+def _expected_params(net: nn.Module) -> list[nn.Parameter]:
+    """The core MLP's parameters, in the order the hand step returns their gradients: the embedding's weight, then
+    each block's Linear weight, BatchNorm weight and bias (net.parameters() lists them so, where none is shared)."""
+    modules = list(net.layers)
+    params = [net.embedding.weight]
+    for i in range(0, len(modules), 3):
+        params += [modules[i].weight, modules[i + 1].weight, modules[i + 1].bias]
+    return params
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -105,12 +119,10 @@ class HandGradStep:
     """`loss = cross_entropy(net(x), y)` and every parameter's gradient, with autograd's ops but no autograd graph;
     with a compile mode, that whole function compiled by torch.compile (--model.compile)."""
 
-    def __init__(self, net: nn.Module, compile_mode: str | None = None):
-        self.net = net
-        self.embedding = net.embedding
-        modules = list(net.layers)
-        self.blocks = [(modules[i], modules[i + 1]) for i in range(0, len(modules), 3)]  # (Linear, BatchNorm1d)
-        self.params = list(net.parameters())  # the embedding's weight, then each block's Linear weight, BN weight, bias
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, compile_mode: str | None = None):
+        self.module, self.optimizer = module, optimizer  # (what why_not_hand is asked again, if the net changes)
+        self.net = module.net
+        self._bind()
         self.compile_mode = compile_mode
         # compiled lazily, at its first call (the comparison of the first batch shape)
         self.compiled = None if compile_mode is None else torch.compile(self.loss_and_grads, mode=compile_mode)
@@ -118,12 +130,55 @@ class HandGradStep:
         self.off: str | None = None  # why hand steps stopped
         self.steps = 0  # steps run by hand
 
+    def _bind(self) -> None:
+        """Record the net's pieces, and what the per-step check (`_unchanged`) compares with them."""
+        net = self.net
+        self.embedding, self.layers = net.embedding, net.layers
+        self.layer_modules = tuple(net.layers._modules.values())
+        modules = self.layer_modules
+        self.blocks = [(modules[i], modules[i + 1]) for i in range(0, len(modules), 3)]  # (Linear, BatchNorm1d)
+        self.params = _expected_params(net)  # = list(net.parameters()), which why_not_hand checked
+        self.modules = (net, self.embedding, self.layers, *modules)
+        self.kinds = tuple((type(m), len(m._parameters)) for m in self.modules)
+        self.slots = [(m._parameters, n, p) for m in self.modules for n, p in m._parameters.items() if p is not None]
+
+    def _unchanged(self) -> bool:
+        """Whether the net is still what why_not_hand approved (a callback may change it mid-fit: freeze a
+        parameter, replace a layer, set a BatchNorm's momentum to None as StochasticWeightAveraging does, hook or
+        patch a module). A few attribute reads per module, every step."""
+        net = self.net
+        if net._modules.get("embedding") is not self.embedding or net._modules.get("layers") is not self.layers:
+            return False
+        if tuple(self.layers._modules.values()) != self.layer_modules:
+            return False
+        for m, (kind, count) in zip(self.modules, self.kinds):
+            if type(m) is not kind or len(m._parameters) != count or "forward" in m.__dict__ or not m.training:
+                return False
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+        for params, name, p in self.slots:
+            if params.get(name) is not p or not p.requires_grad:
+                return False
+        for _, bn in self.blocks:
+            if bn.momentum is None or not bn.track_running_stats:
+                return False
+        e = self.embedding
+        return e.padding_idx is None and e.max_norm is None and not e.scale_grad_by_freq and not e.sparse
+
     def ready(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Whether this batch's step may run by hand (compared with autograd's first, for a new batch shape)."""
-        if self.off is not None or private.autograd_is_watched(self.params) or not self.net.training:
+        if self.off is not None or private.autograd_is_watched(self.params):
             return False
-        if x.dim() != 2 or y.dim() != 1 or x.shape[0] < 2 or not all(bn.training for _, bn in self.blocks):
+        if x.dim() != 2 or y.dim() != 1 or x.shape[0] < 2:
             return False  # (a one-row batch: BatchNorm raises, as the eager step will say)
+        if not self._unchanged():
+            optimizer_params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            if not all(m.training for m in self.net.modules()):
+                return False  # a training step in eval mode: autograd runs what was asked
+            if why_not_hand(self.net, list(self.module.parameters()), optimizer_params) is not None:
+                return False  # this step runs autograd (and the next asks again)
+            self._bind()  # changed, and still the core MLP: compared with autograd anew
+            self.checked.clear()
         key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype)
         if key not in self.checked:
             why = self._compare(x, y)

@@ -142,7 +142,7 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         if why is None:
             compiled = getattr(module, "compiled_net", None) is not None
             compile_mode = getattr(module, "compile_mode", None) if compiled else None
-            self.lean_hand = HandGradStep(module.net, compile_mode)
+            self.lean_hand = HandGradStep(module, trainer.optimizers[0], compile_mode)
         return why
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -172,8 +172,8 @@ class LeanEpochLoop(private.TrainingEpochLoop):
     def advance(self, data_fetcher) -> None:
         """Lightning's _TrainingEpochLoop.advance for one batch, minus what does nothing here (see the class)."""
         trainer = self.trainer
-        if self.restarting:
-            return super().advance(data_fetcher)  # the first batch after a restore: Lightning's own bookkeeping
+        if self._lightnings_own_batch():
+            return super().advance(data_fetcher)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
             self._broadcast_sigterm_tensor()
         batch, _, __ = next(data_fetcher)
@@ -211,13 +211,26 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         """_TrainingEpochLoop.on_advance_end, minus its validation checks (~15 us) where no validation can follow
         this batch (private.validation_may_run) and no scheduler steps on a plateau: what it does then is count the
         step, save the loggers when stopping, and check for SIGTERM. Otherwise, Lightning's own."""
-        if self.restarting or self._skip_next_val or self.lean_plateau or private.validation_may_run(self):
+        if self._lightnings_own_batch() or self._skip_next_val or self.lean_plateau:
+            return super().on_advance_end(data_fetcher)
+        if private.validation_may_run(self):
             return super().on_advance_end(data_fetcher)
         self._batches_that_stepped += 1  # "if not self._should_accumulate()": the lean loop never accumulates
         self._save_loggers_on_train_batch_end()
         if not self._is_training_done and self.trainer.received_sigterm:
             raise SIGTERMException
         return None
+
+    def _lightnings_own_batch(self) -> bool:
+        """Whether this batch goes through Lightning's own `advance` and `on_advance_end`: the first batch after a
+        restore (Lightning's own bookkeeping), and any batch of an epoch in which a callback turned on gradient
+        accumulation (GradientAccumulationScheduler) or skips the backward (StochasticWeightAveraging's BatchNorm
+        epoch): the lean loop never accumulates. They change only at an epoch's start, so both hooks agree."""
+        return (
+            self.restarting
+            or self.trainer.accumulate_grad_batches != 1
+            or private.skips_backward(self.automatic_optimization)
+        )
 
     def _optimizer_step(self, batch, batch_idx: int) -> dict:
         """_AutomaticOptimization.run for one optimizer and no accumulation: the closure (training_step, zero_grad,

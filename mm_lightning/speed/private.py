@@ -233,6 +233,12 @@ def step_is_observed(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Mo
     return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks for x in modules)
 
 
+def skips_backward(automatic_optimization) -> bool:
+    """Whether Lightning's automatic optimization is told to skip the backward (StochasticWeightAveraging sets it
+    through fit_loop._skip_backward for its BatchNorm-update epoch); no public way to read it."""
+    return automatic_optimization._skip_backward
+
+
 def autograd_is_watched(params: list[torch.Tensor]) -> bool:
     """Whether anything would see autograd's backward itself, which hand gradients (handgrad.py) do not run: a tensor
     hook on a parameter's gradient (before or after it accumulates), saved-tensor hooks, anomaly detection, or grad
