@@ -211,9 +211,8 @@ class LeanEpochLoop(private.TrainingEpochLoop):
         """_TrainingEpochLoop.on_advance_end, minus its validation checks (~15 us) where no validation can follow
         this batch (private.validation_may_run) and no scheduler steps on a plateau: what it does then is count the
         step, save the loggers when stopping, and check for SIGTERM. Otherwise, Lightning's own."""
-        if self._lightnings_own_batch() or self._skip_next_val or self.lean_plateau:
-            return super().on_advance_end(data_fetcher)
-        if private.validation_may_run(self):
+        own = self._lightnings_own_batch() or self._skip_next_val or self.lean_plateau
+        if own or private.validation_may_run(self):
             return super().on_advance_end(data_fetcher)
         self._batches_that_stepped += 1  # "if not self._should_accumulate()": the lean loop never accumulates
         self._save_loggers_on_train_batch_end()
