@@ -133,8 +133,8 @@ class MakemoreModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.compiled_net is not None:
             rank_zero_info(
-                f"torch.compile (mode {self.compile_mode}): training steps run the compiled network, compiled at the "
-                "first step; steps a hook watches (the diagnostics' sampled ones) and evaluation run it eagerly"
+                f"torch.compile (mode {self.compile_mode}): training steps run compiled, compiled at the "
+                "first step; steps a hook watches (the diagnostics' sampled ones) and evaluation run eagerly"
             )
         self._net_modules = []  # found again at the first step: a strategy may have swapped modules since
 

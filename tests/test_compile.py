@@ -209,7 +209,7 @@ def test_a_compiled_run_resumes_uncompiled_and_the_reverse_and_evaluates(project
     args = ["--trainer.max_steps", "20", "--data.steps_per_epoch", "20", "--trainer.limit_val_batches", "2", *SMALL]
     args += ["--diagnostics.every_n_steps", "10", "--diagnostics.figures_every_n_steps", "0"]
     more = ["--trainer.max_steps", "40"]
-    said = "torch.compile (mode default): training steps run the compiled network"
+    said = "torch.compile (mode default): training steps run compiled"
     fits = [
         (["--model.compile", "true"], True),  # version_0
         (["--ckpt_path", "last", "--model.compile", "false", *more], False),

@@ -168,7 +168,7 @@ def test_a_checkpoint_of_one_path_resumes_exactly_on_the_other(project, monkeypa
             "plain Lightning loop, because lean_loop=False (--fast_path.lean_loop false)",
         ),
         (["--trainer.profiler", "simple"], "plain Lightning loop, because a profiler is attached"),
-        ([], "per-step overhead, hand gradients)"),
+        ([], "per-step overhead, hand gradients (autograd's ops without its graph, docs/speed.md))"),
         (["--fast_path.hand_gradients", "false"], "autograd steps: hand_gradients=False)"),
         (["--trainer.gradient_clip_val", "1.0"], "autograd steps: something runs inside each step (gradient clipping)"),
         (["--model.net.batchnorm", "false"], "autograd steps: the MLP has Linear biases"),

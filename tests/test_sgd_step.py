@@ -202,7 +202,8 @@ def test_on_an_unverified_torch_sgd_steps_through_optimizer_step_and_says_so(nam
     assert fast.path == "lean" and calls == []
     version = torch.__version__.split("+")[0]
     assert lines == [
-        "training path: fast (lean loop: Lightning's loop minus per-step overhead, hand gradients; SGD steps through "
+        "training path: fast (lean loop: Lightning's loop minus per-step overhead, hand gradients (autograd's ops "
+        "without its graph, docs/speed.md); SGD steps through "
         f"optimizer.step: torch {version} is not a version its SGD step was verified against (2.0.0))"
     ], lines
     for a, b in [(shortcut, plain), (other, plain)]:

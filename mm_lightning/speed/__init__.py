@@ -13,7 +13,8 @@ decides once at fit start and says so in one line:
   Lightning release), steps a MultiStepLR by its counters on steps that change no rate (lrstep.py, gated alike),
   and makes `self.log` in `training_step` / `on_train_batch_end` cheap (private.LeanLog). On a CPU, a step of a
   training_step the module declares graphable, on the core MLP, that nothing observes, runs the forward and backward
-  as the ops autograd would run, without autograd's graph (handgrad.py: "hand gradients"; autograd took ~25% of such a step).
+  as the ops autograd would run, without autograd's graph (handgrad.py: "hand gradients"; autograd took ~25% of
+  such a step).
   Otherwise Lightning's own `advance` runs, and the line says why.
 - CPU threads, on both paths: one thread when each op of a step is too small to split across cores.
 - TensorBoard, on both paths: event checksums in C (tbcrc.py) and, on a CPU, events appended by the training thread
