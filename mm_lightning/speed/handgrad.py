@@ -1,16 +1,17 @@
 """Gradients by hand for the lecture's MLP on a CPU: the ops autograd runs, called directly (used by the lean loop).
 
-On a CPU, a step of the lecture's small network spends ~15% of its time recording the autograd graph and running
+On a CPU, a step of the lecture's small network spends ~25% of its time recording the autograd graph and running
 autograd's engine over it, not in arithmetic. Where a module declares its training_step graphable (graphed.py: the
 loss `cross_entropy(self.net(x), y)`, handed to `track_train_loss`) and its net is exactly the core MLP with
 BatchNorm (embedding -> [Linear -> BatchNorm1d -> Tanh] x n -> Linear -> BatchNorm1d, torch's own modules), a step
 that nothing observes runs the forward with no graph and the backward as the aten ops autograd's derivative formulas
 run for these modules, in its order, on the same operands: the same kernels, so the same bits. The ops were read off
-a dispatch trace of `loss.backward()` (tests/test_fastpath.py keeps that trace and this code in step).
+a dispatch trace of `loss.backward()` (tests/test_handgrad.py keeps that trace and this code in step).
 
 Three guards keep it exact, and it steps aside (the fast path's line says why, or one warning) where one fails:
 - the structure: torch's Embedding / Linear / BatchNorm1d / Tanh classes with the options this code handles, the
-  optimizer stepping exactly the net's parameters, none with a tensor hook;
+  optimizer stepping exactly the net's parameters, none with a tensor hook; checked at fit start, and every step in
+  a few attribute reads (a callback may freeze, hook, patch or replace something mid-fit: autograd for that step);
 - the code: the torch release in TORCH_VERIFIED, with the recorded fingerprints of the Python forwards it mirrors
   (and MLP.forward's);
 - the numbers: the first step of each batch shape is computed both ways (autograd's on the side, every buffer put
