@@ -167,6 +167,16 @@ def test_the_hook_dicts_step_is_observed_reads_exist():
     handle.remove()
 
 
+def test_skips_backward_reads_what_swa_sets():
+    """StochasticWeightAveraging sets fit_loop._skip_backward for its BatchNorm epoch; the lean loop reads it on the
+    training epoch loop's automatic optimization (private.skips_backward) to hand such batches to Lightning."""
+    trainer = lightning.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    automatic = trainer.fit_loop.epoch_loop.automatic_optimization
+    assert private.skips_backward(automatic) is False
+    trainer.fit_loop._skip_backward = True
+    assert private.skips_backward(automatic) is True
+
+
 def test_what_autograd_is_watched_reads_exists_and_sees_each_watcher():
     """Hand gradients (speed/handgrad.py) skip autograd's backward: each thing that would see it must be seen."""
     weight = torch.nn.Parameter(torch.zeros(2))
