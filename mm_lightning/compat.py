@@ -88,10 +88,14 @@ def modules_are_hooked(modules: list[torch.nn.Module]) -> bool:
     to ask; a torch without them answers True (eager steps: slower, never wrong)."""
     from torch.nn.modules import module as m
 
-    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    names = tuple(f"_global{n}" for n in own)
-    try:
-        return any(getattr(m, n) for n in names) or any(getattr(x, n) for x in modules for n in own)
+    try:  # (attributes read one by one: the lean loop asks every step, mm_lightning/speed/private.py)
+        if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
+            return True
+        if m._global_backward_pre_hooks:
+            return True
+        return any(
+            x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks for x in modules
+        )
     except AttributeError:
         return True
 

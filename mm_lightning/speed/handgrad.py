@@ -73,23 +73,20 @@ def why_not_hand(net: nn.Module, module_params: list, optimizer_params: list) ->
     c = net.config
     if not (c.batchnorm and c.output_batchnorm):
         return "the MLP has Linear biases (batchnorm or output_batchnorm off)"
-    emb = net.embedding
-    if type(emb) is not nn.Embedding or emb.padding_idx is not None or emb.max_norm is not None:
-        return "the embedding is not a plain nn.Embedding"
-    if emb.scale_grad_by_freq or emb.sparse:
-        return "the embedding scales or sparsifies its gradient"
+    if type(net.embedding) is not nn.Embedding or not _plain_embedding(net.embedding):
+        return "the embedding is not a plain nn.Embedding (a padding index, a max norm, scaled or sparse gradients)"
     kinds = [nn.Linear, nn.BatchNorm1d, nn.Tanh] * c.n_layers + [nn.Linear, nn.BatchNorm1d]
     if [type(m) for m in net.layers] != kinds:
         return "the layers are not torch's Linear / BatchNorm1d / Tanh"
     for m in net.layers:
         if isinstance(m, nn.Linear) and m.bias is not None:
             return "a Linear has a bias"
-        if isinstance(m, nn.BatchNorm1d) and not (m.affine and m.track_running_stats and m.momentum is not None):
+        if isinstance(m, nn.BatchNorm1d) and not _handled_batchnorm(m):
             return "a BatchNorm1d without affine, running statistics or a momentum"
     if any("forward" in vars(m) for m in net.modules()):
         return "a module's forward is replaced on the instance"
-    params = list(net.parameters())
-    if len(params) != len(_expected_params(net)) or any(a is not b for a, b in zip(params, _expected_params(net))):
+    params, expected = list(net.parameters()), _expected_params(net)
+    if len(params) != len(expected) or any(a is not b for a, b in zip(params, expected)):
         return "the MLP's parameters are not its layers' own (tied, or one more)"
     ids = {id(p) for p in params}
     if {id(p) for p in module_params} != ids or {id(p) for p in optimizer_params} != ids:
@@ -97,6 +94,17 @@ def why_not_hand(net: nn.Module, module_params: list, optimizer_params: list) ->
     if not all(p.requires_grad and p.device.type == "cpu" for p in params):
         return "a parameter is frozen or not on the CPU"
     return None
+
+
+def _plain_embedding(embedding: nn.Embedding) -> bool:
+    """No padding index, max norm, frequency-scaled or sparse gradient: the embedding the hand step's ops assume."""
+    e = embedding
+    return e.padding_idx is None and e.max_norm is None and not e.scale_grad_by_freq and not e.sparse
+
+
+def _handled_batchnorm(bn: nn.BatchNorm1d) -> bool:
+    """Affine, with running statistics updated by a momentum: the BatchNorm the hand step's ops assume."""
+    return bn.affine and bn.track_running_stats and bn.momentum is not None
 
 
 def _expected_params(net: nn.Module) -> list[nn.Parameter]:
@@ -160,11 +168,7 @@ class HandGradStep:
         for params, name, p in self.slots:
             if params.get(name) is not p or not p.requires_grad:
                 return False
-        for _, bn in self.blocks:
-            if bn.momentum is None or not bn.track_running_stats:
-                return False
-        e = self.embedding
-        return e.padding_idx is None and e.max_norm is None and not e.scale_grad_by_freq and not e.sparse
+        return all(_handled_batchnorm(bn) for _, bn in self.blocks) and _plain_embedding(self.embedding)
 
     def ready(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Whether this batch's step may run by hand (compared with autograd's first, for a new batch shape)."""
@@ -173,9 +177,9 @@ class HandGradStep:
         if x.dim() != 2 or y.dim() != 1 or x.shape[0] < 2:
             return False  # (a one-row batch: BatchNorm raises, as the eager step will say)
         if not self._unchanged():
-            optimizer_params = [p for group in self.optimizer.param_groups for p in group["params"]]
             if not all(m.training for m in self.net.modules()):
                 return False  # a training step in eval mode: autograd runs what was asked
+            optimizer_params = [p for group in self.optimizer.param_groups for p in group["params"]]
             if why_not_hand(self.net, list(self.module.parameters()), optimizer_params) is not None:
                 return False  # this step runs autograd (and the next asks again)
             self._bind()  # changed, and still the core MLP: compared with autograd anew

@@ -406,11 +406,11 @@ def install(
         raise
     on_gpu = trainer.strategy.root_device.type == "cuda"
     extra = "" if not on_gpu else ", CUDA graph steps" if graphs is None else f", eager steps: {graphs}"
-    if on_cpu:
-        compiled = loop.lean_hand is not None and loop.lean_hand.compile_mode is not None
-        what = "hand gradients (autograd's ops without its graph, docs/speed.md)"
-        what = what.replace("hand gradients", "compiled hand gradients") if compiled else what
-        extra += f", {what}" if hand is None else f", autograd steps: {hand}"
+    if on_cpu and hand is None:
+        kind = "compiled hand gradients" if loop.lean_hand.compile_mode is not None else "hand gradients"
+        extra += f", {kind} (autograd's ops without its graph, docs/speed.md)"
+    elif on_cpu:
+        extra += f", autograd steps: {hand}"
     if loop.lean_sgd_why is not None:
         extra += f"; SGD steps through optimizer.step: {loop.lean_sgd_why}"
     if loop.lean_lr_why is not None:

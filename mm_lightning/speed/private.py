@@ -25,6 +25,8 @@ from lightning.pytorch.trainer.call import _call_lightning_module_hook as call_m
 from torch.optim import optimizer as torch_optimizer
 from torchmetrics import Metric
 
+from mm_lightning import compat
+
 __all__ = [
     "ClosureResult",
     "LeanLog",
@@ -221,16 +223,8 @@ def optimizer_step_is_hooked(optimizer: torch.optim.Optimizer) -> bool:
 
 def step_is_observed(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module]) -> bool:
     """Whether any hook watches an optimizer step or a module's forward/backward (then it must run eagerly: a CUDA
-    graph replay would run no hook). torch keeps the hooks in private dicts and has no public way to ask."""
-    from torch.nn.modules import module as m
-
-    if optimizer_step_is_hooked(optimizer):
-        return True
-    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
-        return True
-    if m._global_backward_pre_hooks:
-        return True
-    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks for x in modules)
+    graph replay would run no hook; nor would hand gradients). The modules' side is the core's own check."""
+    return optimizer_step_is_hooked(optimizer) or compat.modules_are_hooked(modules)
 
 
 def skips_backward(automatic_optimization) -> bool:
